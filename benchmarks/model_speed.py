@@ -1,0 +1,104 @@
+"""Our Swin model against timm's same architecture with the same weights, in one run.
+
+Measures inference and training-step (forward + backward) throughput in images/s and peak memory, and
+reports our/timm ratios. Runs are interleaved (ours, timm, ours, timm, ...) and the median is kept, so
+background load hits both sides alike.
+
+    python benchmarks/model_speed.py --model swinv2_tiny_window8_256 --batch 8            # CPU, fp32
+    python benchmarks/model_speed.py --model swinv2_base_window12_192 --batch 64 --dtype bf16   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
+
+import swinv2
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (KiB on Linux)
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="swinv2_tiny_window8_256")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per side and mode")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    ours = swinv2.create_model(args.model).to(device)
+    ref = timm.create_model(args.model).to(device)
+    ref.load_state_dict(swinv2.export_timm_state_dict(ours))
+    x = torch.randn(args.batch, 3, *ours.img_size, device=device)
+    target = torch.randint(0, ours.num_classes, (args.batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def infer(model):
+        model.eval()
+        with torch.inference_mode(), autocast:
+            model(x)
+
+    def train(model):
+        model.train()
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    results = {}
+    for mode, step in (("inference", infer), ("train_step", train)):
+        times = {"ours": [], "timm": []}
+        peaks = {}
+        for name, model in (("ours", ours), ("timm", ref)):  # warm-up (and per-side peak memory on GPU)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step(model)
+            step(model)
+            peaks[name] = peak_memory_mb(device)
+        for _ in range(args.repeats):
+            for name, model in (("ours", ours), ("timm", ref)):
+                times[name].append(timed(lambda m=model: step(m), device))
+        speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
+        results[mode] = {
+            "ours_img_s": round(speed["ours"], 2),
+            "timm_img_s": round(speed["timm"], 2),
+            "speed_ratio": round(speed["ours"] / speed["timm"], 3),
+            "ours_peak_mb": round(peaks["ours"], 1),
+            "timm_peak_mb": round(peaks["timm"], 1),
+        }
+        print(f"{mode:10s} ours {speed['ours']:8.2f} img/s  timm {speed['timm']:8.2f} img/s  "
+              f"ratio {speed['ours'] / speed['timm']:.3f}  peak MB ours {peaks['ours']:.0f} timm {peaks['timm']:.0f}")
+    meta = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "device": str(device),
+            "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads()}
+    print(json.dumps({**meta, **results}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**meta, **results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

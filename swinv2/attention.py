@@ -1,0 +1,199 @@
+"""Window multi-head self-attention: Swin V1 (relative bias table) and Swin V2 (scaled cosine + CPB).
+
+Swin V1: arXiv 2103.14030 sec. 3.2 ("relative position bias"). Swin V2: arXiv 2111.09883 sec. 3.2 (scaled cosine
+attention) and sec. 3.3 (log-spaced continuous position bias). The windows of a whole batch are attended in one
+``scaled_dot_product_attention`` call, or in sequential chunks of windows (V2 paper sec. 3.4, "sequential
+self-attention computation") to bound the memory of the attention maps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import trunc_normal_
+
+from .windows import Size2, log_spaced_coords_table, relative_position_index
+
+# A Python float, not a tensor: a CPU tensor built in forward breaks on GPU and under graph capture.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Softmax attention over windows: q, k, v ``(B, nW, nH, N, d)``; bias ``(nH, N, N)`` or ``(nW, nH, N, N)``.
+
+    Returns ``(B, nW, nH, N, d)``. The fused path folds windows into SDPA's head axis when the bias differs per
+    window (shifted blocks), so the ``(nW*nH, N, N)`` bias broadcasts over the batch without being copied.
+    """
+    B, nW, nH, N, d = q.shape
+    if not fused:
+        attn = (q * scale) @ k.transpose(-2, -1) + bias
+        attn = F.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+        return attn @ v
+    if bias.dim() == 4:  # per-window bias: windows become heads
+        shape, mask = (B, nW * nH, N, d), bias.reshape(1, nW * nH, N, N)
+    else:
+        shape, mask = (B * nW, nH, N, d), bias.unsqueeze(0)
+    out = F.scaled_dot_product_attention(
+        q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask, dropout_p=dropout_p, scale=scale
+    )
+    return out.view(B, nW, nH, N, d)
+
+
+class WindowAttention(nn.Module):
+    """Shared machinery of V1 and V2 window attention: qkv projection, (chunked) attention, output projection.
+
+    Subclasses define how q and k are scaled and where the relative position bias comes from.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: Size2,
+        qkv_bias: bool,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused: bool = True,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}: pick a head count that divides it")
+        self.dim, self.num_heads, self.window = dim, num_heads, window
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.fused = fused
+        self.chunk_size = chunk_size
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        return self.qkv.bias
+
+    def scale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        raise NotImplementedError
+
+    def position_bias(self) -> torch.Tensor:
+        """``(nH, N, N)`` float32 bias added to the attention logits."""
+        raise NotImplementedError
+
+    def gather_bias(self, table: torch.Tensor) -> torch.Tensor:
+        """``(2wh-1)*(2ww-1)`` rows of per-head biases -> ``(nH, N, N)`` via the relative position index."""
+        N = self.window[0] * self.window[1]
+        bias = table.reshape(-1, self.num_heads)[self.relative_position_index.view(-1)]
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``(B, nW, N, C)``; mask ``(nW, N, N)`` additive shift mask or None. Returns ``(B, nW, N, C)``."""
+        B, nW, N, C = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
+        q, k, v = qkv.view(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        q, k, scale = self.scale_qk(q, k)  # each (B, nW, nH, N, d)
+        bias = self.position_bias().to(q.dtype)
+        if mask is not None:
+            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
+        dropout_p = self.attn_drop if self.training else 0.0
+        step = self.chunk_size or nW
+        chunks = [
+            attend(
+                q[:, i : i + step],
+                k[:, i : i + step],
+                v[:, i : i + step],
+                bias[i : i + step] if bias.dim() == 4 else bias,
+                scale,
+                dropout_p,
+                self.fused,
+            )
+            for i in range(0, nW, step)
+        ]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+        out = out.transpose(2, 3).reshape(B, nW, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class WindowAttentionV1(WindowAttention):
+    """Swin V1 attention: ``softmax(q k^T / sqrt(d) + B)`` with B from a learned table (arXiv 2103.14030 sec. 3.2)."""
+
+    def __init__(self, dim: int, num_heads: int, window: Size2, qkv_bias: bool = True, **kwargs):
+        super().__init__(dim, num_heads, window, qkv_bias, **kwargs)
+        rows = (2 * window[0] - 1) * (2 * window[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def scale_qk(self, q, k):
+        return q, k, self.head_dim**-0.5
+
+    def position_bias(self) -> torch.Tensor:
+        return self.gather_bias(self.relative_position_bias_table).float()
+
+
+class WindowAttentionV2(WindowAttention):
+    """Swin V2 attention (arXiv 2111.09883 sec. 3.2-3.3).
+
+    ``cos(q, k) * exp(min(logit_scale, log 100)) + 16 * sigmoid(CPB)``; qkv has learned q and v biases and no
+    k bias. The CPB MLP maps a log-spaced relative coordinate table to per-head biases; it always runs in
+    float32 (its input table is a float32 buffer) and, when no gradient is needed, its result is cached
+    until the MLP's weights change.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: Size2,
+        qkv_bias: bool = True,
+        pretrained_window: Size2 | None = None,
+        **kwargs,
+    ):
+        super().__init__(dim, num_heads, window, qkv_bias=False, **kwargs)
+        self.pretrained_window = pretrained_window
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.register_buffer(
+            "relative_coords_table", log_spaced_coords_table(window, pretrained_window), persistent=False
+        )
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def scale_qk(self, q, k):
+        logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp().to(q.dtype)
+        return F.normalize(q, dim=-1) * logit_scale, F.normalize(k, dim=-1), 1.0
+
+    def _cpb(self) -> torch.Tensor:
+        fc1, fc2 = self.cpb_mlp[0], self.cpb_mlp[2]
+        with torch.autocast(self.relative_coords_table.device.type, enabled=False):
+            hidden = F.relu(F.linear(self.relative_coords_table.float(), fc1.weight.float(), fc1.bias.float()))
+            table = F.linear(hidden, fc2.weight.float())
+        return 16.0 * torch.sigmoid(self.gather_bias(table))
+
+    def position_bias(self) -> torch.Tensor:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.cpb_mlp[0].weight.requires_grad):
+            return self._cpb()
+        params = (*self.cpb_mlp.parameters(), self.relative_coords_table)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            with torch.no_grad():
+                self._bias_cache = (key, self._cpb())
+        return self._bias_cache[1]

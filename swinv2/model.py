@@ -1,0 +1,342 @@
+"""Swin Transformer V1 and V2 (arXiv 2103.14030; arXiv 2111.09883), one class for both versions.
+
+The parameter names follow the authors' layout (``layers.N.blocks.M``, patch merging at the END of stage N as
+``layers.N.downsample``, classifier ``head``), so the authors' checkpoints load as they are. Blocks work on
+channels-last maps, ``(B, H, W, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import WindowAttentionV1, WindowAttentionV2
+from .windows import Size2, clip_window, pad_to_window, shift_region_mask, to_2tuple, window_partition, window_reverse
+
+VERSIONS = ("v1", "v2")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> ``embed_dim`` channels, then LayerNorm (Swin sec. 3.1)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool = True):
+        super().__init__()
+        self.patch_size, self.in_chans = patch_size, in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images shaped (batch, {self.in_chans}, height, width), got {tuple(x.shape)}: "
+                f"pass a 4-D NCHW batch with {self.in_chans} channels"
+            )
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(
+                f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}: "
+                f"resize or crop the images to multiples of {self.patch_size}"
+            )
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbour concat (order (0,0), (1,0), (0,1), (1,1)) -> 2C.
+
+    V1: LayerNorm(4C) then Linear (Swin sec. 3.1); V2: Linear then LayerNorm(2C) (Swin V2 sec. 3.1, res-post-norm).
+    """
+
+    def __init__(self, dim: int, version: str):
+        super().__init__()
+        self.version = version
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim if version == "v2" else 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        # (B, H/2, dy, W/2, dx, C) -> neighbours ordered with the row offset first: (dx, dy)
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        if self.version == "v2":
+            return self.norm(self.reduction(x))
+        return self.reduction(self.norm(x))
+
+
+class SwinBlock(nn.Module):
+    """One (shifted-)window transformer block.
+
+    V1 is pre-norm (``x + attn(norm(x))``); V2 is residual post-norm (``x + norm(attn(x))``, Swin V2 sec. 3.1)
+    with an optional extra LayerNorm on the main branch (Swin V2 sec. 3.1, used for SwinV2-H/G).
+    """
+
+    def __init__(
+        self,
+        version: str,
+        dim: int,
+        num_heads: int,
+        window: Size2,
+        shift: Size2,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        pretrained_window: Size2 | None = None,
+        extra_norm: bool = False,
+        fused_attn: bool = True,
+        attn_chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.version, self.window, self.shift = version, window, shift
+        common = dict(attn_drop=attn_drop, proj_drop=drop, fused=fused_attn, chunk_size=attn_chunk_size)
+        if version == "v2":
+            self.attn = WindowAttentionV2(dim, num_heads, window, qkv_bias, pretrained_window=pretrained_window, **common)
+        else:
+            self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, **common)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def shift_mask(self, size: Size2, device: torch.device) -> torch.Tensor | None:
+        """The ``(nW, N, N)`` shift mask for a padded feature size, built once per size and device."""
+        if not any(self.shift):
+            return None
+        if torch.compiler.is_compiling():
+            return shift_region_mask(size, self.window, self.shift, device)
+        key = (size, device)
+        if key not in self._masks:
+            self._masks[key] = shift_region_mask(size, self.window, self.shift, device)
+        return self._masks[key]
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``: pad, cyclic shift, attend per window, undo both."""
+        B, H, W, C = x.shape
+        x = pad_to_window(x, self.window)  # pad BEFORE the roll so the shift mask matches the rolled map
+        Hp, Wp = x.shape[1:3]
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        windows = self.attn(window_partition(x, self.window), self.shift_mask((Hp, Wp), x.device))
+        x = window_reverse(windows, self.window, (Hp, Wp))
+        if any(self.shift):
+            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        if Hp != H or Wp != W:
+            x = x[:, :H, :W].contiguous()
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.version == "v2":
+            x = x + self.drop_path(self.norm1(self.window_attention(x)))
+            x = x + self.drop_path(self.norm2(self.mlp(x)))
+        else:
+            x = x + self.drop_path(self.window_attention(self.norm1(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.extra_norm is not None:
+            x = self.extra_norm(x)
+        return x
+
+
+class SwinStage(nn.Module):
+    """A stage: ``depth`` blocks alternating shift 0 and window // 2, then optional patch merging."""
+
+    def __init__(self, blocks: list[SwinBlock], downsample: PatchMerging | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+        self.checkpoint_activations = False
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+def _per_stage(value, num_stages: int, name: str) -> list:
+    if isinstance(value, (int, float)) or value is None:
+        return [value] * num_stages
+    value = list(value)
+    if len(value) == 2 and num_stages != 2 and all(isinstance(v, int) for v in value):
+        return [tuple(value)] * num_stages  # one (h, w) pair for every stage
+    if len(value) != num_stages:
+        raise ValueError(f"{name} has {len(value)} entries but the model has {num_stages} stages: give one per stage")
+    return value
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer, ``version="v1"`` (arXiv 2103.14030) or ``"v2"`` (arXiv 2111.09883).
+
+    ``img_size`` fixes each stage's window and shift (a window is clipped to a smaller feature map, and then not
+    shifted); other input sizes that are multiples of the patch size also run, padded to window multiples.
+    ``pretrained_window_sizes`` (V2) makes the CPB see coordinates normalised by the pretraining window, for
+    fine-tuning at a larger window (Swin V2 sec. 3.3).
+    """
+
+    def __init__(
+        self,
+        version: str = "v2",
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int | Sequence = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        ape: bool = False,
+        patch_norm: bool = True,
+        pretrained_window_sizes: int | Sequence = 0,
+        checkpoint_activations: bool = False,
+        attn_chunk_size: int | None = None,
+        extra_norm_every: int = 0,
+        fused_attn: bool = True,
+    ):
+        super().__init__()
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
+        img_size = to_2tuple(img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}: choose one that is")
+        num_stages = len(depths)
+        self.version, self.img_size, self.patch_size = version, img_size, patch_size
+        self.num_classes, self.embed_dim, self.depths = num_classes, embed_dim, tuple(depths)
+        self.num_features = int(embed_dim * 2 ** (num_stages - 1))
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        self.patch_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        windows = [to_2tuple(w) for w in _per_stage(window_size, num_stages, "window_size")]
+        pretrained = [
+            to_2tuple(w) if w else None for w in _per_stage(pretrained_window_sizes, num_stages, "pretrained_window_sizes")
+        ]
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stage_windows: list[Size2] = []
+        layers, size, dim = [], self.patch_grid, embed_dim
+        for i, depth in enumerate(depths):
+            window, half_shift = clip_window(size, windows[i], (windows[i][0] // 2, windows[i][1] // 2))
+            self.stage_windows.append(window)
+            blocks = [
+                SwinBlock(
+                    version,
+                    dim,
+                    num_heads[i],
+                    window,
+                    (0, 0) if j % 2 == 0 else half_shift,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path[sum(depths[:i]) + j],
+                    pretrained_window=pretrained[i],
+                    extra_norm=bool(extra_norm_every) and (j + 1) % extra_norm_every == 0,
+                    fused_attn=fused_attn,
+                    attn_chunk_size=attn_chunk_size,
+                )
+                for j in range(depth)
+            ]
+            last = i == num_stages - 1
+            layers.append(SwinStage(blocks, None if last else PatchMerging(dim, version)))
+            if not last:
+                size, dim = (math.ceil(size[0] / 2), math.ceil(size[1] / 2)), dim * 2
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        if version == "v2":  # each block starts as the identity (res-post-norm, authors' init)
+            for stage in self.layers:
+                for block in stage.blocks:
+                    for norm in (block.norm1, block.norm2):
+                        nn.init.zeros_(norm.weight)
+                        nn.init.zeros_(norm.bias)
+        self.set_checkpoint_activations(checkpoint_activations)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_checkpoint_activations(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
+        for stage in self.layers:
+            stage.checkpoint_activations = enabled
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> patch tokens ``(B, H/p, W/p, C)`` (with the absolute embedding if any)."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self._absolute_pos_embed(x.shape[1:3])
+        return self.pos_drop(x)
+
+    def _absolute_pos_embed(self, size: Size2) -> torch.Tensor:
+        grid, C = self.patch_grid, self.embed_dim
+        pos = self.absolute_pos_embed.view(1, grid[0], grid[1], C)
+        if tuple(size) != grid:
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(size), mode="bicubic", align_corners=False)
+            pos = pos.permute(0, 2, 3, 1)
+        return pos
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(B, H/p, W/p, C)`` -> final-norm features ``(B, H/32, W/32, 8C)``."""
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> final-norm token features, channels-last ``(B, H/32, W/32, num_features)``."""
+        return self.forward_tokens(self.embed(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features -> logits (global average pool, then the linear head)."""
+        return self.head(x.mean(dim=(1, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_stages(self, x: torch.Tensor, out_indices: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+        """Per-stage feature maps, NCHW, taken after each stage's blocks and before its patch merging."""
+        bad = [i for i in out_indices if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"out_indices {bad} are out of range: the model has stages 0..{len(self.layers) - 1}")
+        x, outs = self.embed(x), []
+        for i, stage in enumerate(self.layers):
+            x = stage.forward_blocks(x)
+            if i in out_indices:
+                outs.append(x.permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return outs
