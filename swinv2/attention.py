@@ -87,7 +87,7 @@ class WindowAttention(nn.Module):
         raise NotImplementedError
 
     def position_bias(self) -> torch.Tensor:
-        """``(nH, N, N)`` float32 bias added to the attention logits."""
+        """``(nH, N, N)`` bias added to the attention logits."""
         raise NotImplementedError
 
     def gather_bias(self, table: torch.Tensor) -> torch.Tensor:
@@ -137,15 +137,15 @@ class WindowAttentionV1(WindowAttention):
         return q, k, self.head_dim**-0.5
 
     def position_bias(self) -> torch.Tensor:
-        return self.gather_bias(self.relative_position_bias_table).float()
+        return self.gather_bias(self.relative_position_bias_table)
 
 
 class WindowAttentionV2(WindowAttention):
     """Swin V2 attention (arXiv 2111.09883 sec. 3.2-3.3).
 
     ``cos(q, k) * exp(min(logit_scale, log 100)) + 16 * sigmoid(CPB)``; qkv has learned q and v biases and no
-    k bias. The CPB MLP maps a log-spaced relative coordinate table to per-head biases; it always runs in
-    float32 (its input table is a float32 buffer) and, when no gradient is needed, its result is cached
+    k bias. The CPB MLP maps a log-spaced relative coordinate table to per-head biases; it runs in at least
+    float32 (also under bf16 weights or autocast) and, when no gradient is needed, its result is cached
     until the MLP's weights change.
     """
 
@@ -183,9 +183,11 @@ class WindowAttentionV2(WindowAttention):
 
     def _cpb(self) -> torch.Tensor:
         fc1, fc2 = self.cpb_mlp[0], self.cpb_mlp[2]
+        dtype = torch.promote_types(fc1.weight.dtype, torch.float32)  # bf16/fp16 weights: float32 on purpose
         with torch.autocast(self.relative_coords_table.device.type, enabled=False):
-            hidden = F.relu(F.linear(self.relative_coords_table.float(), fc1.weight.float(), fc1.bias.float()))
-            table = F.linear(hidden, fc2.weight.float())
+            coords = self.relative_coords_table.to(dtype)
+            hidden = F.relu(F.linear(coords, fc1.weight.to(dtype), fc1.bias.to(dtype)))
+            table = F.linear(hidden, fc2.weight.to(dtype))
         return 16.0 * torch.sigmoid(self.gather_bias(table))
 
     def position_bias(self) -> torch.Tensor:

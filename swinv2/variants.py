@@ -27,7 +27,9 @@ def _v1(size: str, img: int, window: int) -> dict:
 
 VARIANTS: dict[str, dict] = {
     **{f"swinv2_{s}_window{w}_256": _v2(s, 256, w) for s in ("tiny", "small", "base") for w in (8, 16)},
-    **{f"swinv2_{s}_window12_192": _v2(s, 192, 12) for s in ("tiny", "small", "base", "large", "huge", "giant")},
+    **{f"swinv2_{s}_window12_192": _v2(s, 192, 12) for s in ("tiny", "small", "huge", "giant")},
+    # The authors' (and timm's) 192 px base/large models are ImageNet-22K classifiers.
+    **{f"swinv2_{s}_window12_192": dict(_v2(s, 192, 12), num_classes=21841) for s in ("base", "large")},
     **{f"swinv2_{s}_window12to16_192to256": _v2(s, 256, 16, FROM_192) for s in ("base", "large")},
     **{f"swinv2_{s}_window12to24_192to384": _v2(s, 384, 24, FROM_192) for s in ("base", "large")},
     **{f"swin_{s}_patch4_window7_224": _v1(s, 224, 7) for s in ("tiny", "small", "base", "large")},

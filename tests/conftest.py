@@ -1,0 +1,35 @@
+"""Shared test helpers: small model configs and weight randomisation (so parity is not trivially true)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+# Small stand-ins for the published variants: same code paths (shifted/clipped windows, merging, CPB), CPU-sized.
+TINY_V2 = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.0)
+TINY_V1 = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.0)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter non-trivial values; V2 block norms start at zero, which would hide most of the model."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if name.endswith("logit_scale"):
+            p.copy_(torch.log(1 + 20 * torch.rand(p.shape, generator=gen)))  # some heads beyond the clamp at log(100)
+            p.view(-1)[0] = math.log(150.0)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.2 * noise)
+        elif name.endswith("relative_position_bias_table"):
+            p.copy_(noise)
+        else:
+            p.copy_(0.05 * noise)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

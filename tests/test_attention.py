@@ -1,0 +1,80 @@
+"""Window attention against a float64 loop reference, and the fast paths against the explicit one."""
+
+import pytest
+import torch
+
+from conftest import randomize_
+from reference import reference_window_attention
+from swinv2.model import SwinBlock
+
+CASES = [
+    # version, dim, heads, window, shift, pretrained window, feature size (H, W)
+    ("v2", 16, 2, (4, 4), (0, 0), None, (8, 8)),
+    ("v2", 16, 2, (4, 4), (2, 2), None, (8, 8)),
+    ("v2", 16, 2, (4, 4), (2, 2), (3, 3), (8, 8)),  # fine-tuned from a smaller window
+    ("v2", 16, 2, (4, 4), (2, 2), None, (6, 10)),  # padded to 8x12 before the roll
+    ("v2", 16, 4, (3, 5), (0, 2), None, (3, 10)),  # rectangular window, shift in one direction only
+    ("v1", 16, 2, (4, 4), (2, 2), None, (8, 8)),
+    ("v1", 16, 2, (4, 4), (2, 2), None, (7, 9)),
+]
+
+
+@pytest.mark.parametrize("version,dim,heads,window,shift,pretrained,size", CASES)
+def test_window_attention_matches_float64_reference(version, dim, heads, window, shift, pretrained, size):
+    block = randomize_(SwinBlock(version, dim, heads, window, shift, pretrained_window=pretrained)).eval()
+    x = torch.randn(2, *size, dim)
+    with torch.no_grad():
+        got = block.window_attention(x)
+    want = reference_window_attention(block, x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _outputs_and_grads(block, x):
+    x = x.clone().requires_grad_(True)
+    y = block(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("shift", [(0, 0), (2, 2)])
+def test_fused_sdpa_path_matches_explicit_path(version, shift):
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), shift)).train()
+    x = torch.randn(2, 8, 12, 16)
+    fast = _outputs_and_grads(block, x)
+    block.attn.fused = False
+    slow = _outputs_and_grads(block, x)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-4, atol=1e-5)
+    for name in fast[2]:
+        torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_chunked_attention_identical_outputs_and_grads(version):
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2))).train()
+    x = torch.randn(2, 12, 12, 16)  # 9 windows: chunks of 4, 4, 1
+    whole = _outputs_and_grads(block, x)
+    block.attn.chunk_size = 4
+    chunked = _outputs_and_grads(block, x)
+    torch.testing.assert_close(whole[0], chunked[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-5, atol=1e-6)
+    for name in whole[2]:
+        torch.testing.assert_close(whole[2][name], chunked[2][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cpb_cache_follows_weight_updates():
+    block = randomize_(SwinBlock("v2", 16, 2, (4, 4), (0, 0))).eval()
+    x = torch.randn(1, 4, 4, 16)
+    with torch.no_grad():
+        before = block(x)
+        assert torch.equal(block(x), before)  # served from the cache
+        block.attn.cpb_mlp[2].weight.mul_(3.0)  # an optimiser-style in-place update
+        after = block(x)
+    block.attn._bias_cache = None
+    with torch.no_grad():
+        fresh = block(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)

@@ -1,0 +1,83 @@
+"""Window geometry against hand-derived values (Swin sec. 3.2, Swin V2 sec. 3.3)."""
+
+import math
+
+import torch
+
+from swinv2.windows import (
+    clip_window,
+    log_spaced_coords_table,
+    relative_position_index,
+    shift_region_mask,
+    window_partition,
+    window_reverse,
+)
+
+
+def test_coords_table_hand_values():
+    table = log_spaced_coords_table((3, 3))
+    # offsets -2..2 divided by (3 - 1), times 8: -8, -4, 0, 4, 8 -> sign * log2(1 + |t|) / 3
+    expected_1d = [-math.log2(9) / 3, -math.log2(5) / 3, 0.0, math.log2(5) / 3, math.log2(9) / 3]
+    assert table.shape == (5, 5, 2)
+    for i, dy in enumerate(expected_1d):
+        for j, dx in enumerate(expected_1d):
+            assert torch.allclose(table[i, j], torch.tensor([dy, dx]), atol=1e-6)
+
+
+def test_coords_table_normalised_by_pretrained_window():
+    # window 3 fine-tuned from window 2: offsets divided by (2 - 1), so +-1 -> +-8 and +-2 -> +-16
+    table = log_spaced_coords_table((3, 3), pretrained_window=(2, 2))
+    assert math.isclose(table[0, 2, 0].item(), -math.log2(17) / 3, rel_tol=1e-6)
+    assert math.isclose(table[1, 2, 0].item(), -math.log2(9) / 3, rel_tol=1e-6)
+    assert table[2, 2].abs().sum() == 0
+
+
+def test_coords_table_rectangular_and_window_of_one():
+    table = log_spaced_coords_table((1, 4))
+    assert table.shape == (1, 7, 2)
+    assert torch.isfinite(table).all() and table[..., 0].abs().sum() == 0  # a side of 1 has only offset 0
+    assert math.isclose(table[0, 0, 1].item(), -math.log2(9) / 3, rel_tol=1e-6)  # dx = -3 / (4 - 1) * 8
+
+
+def test_relative_position_index_hand_values():
+    index = relative_position_index((2, 2))  # tokens (0,0), (0,1), (1,0), (1,1); rows of 2*2-1 = 3
+    assert index[0, 3] == 0  # query (0,0), key (1,1): dy = dx = -1
+    assert index[3, 0] == 8  # dy = dx = +1
+    assert index[1, 2] == (-1 + 1) * 3 + (1 + 1)  # query (0,1), key (1,0): dy = -1, dx = +1
+    assert (index.diagonal() == 4).all()
+
+
+def test_relative_position_index_matches_loop():
+    wh, ww = 3, 5
+    index = relative_position_index((wh, ww))
+    tokens = [(y, x) for y in range(wh) for x in range(ww)]
+    for a, (qy, qx) in enumerate(tokens):
+        for b, (ky, kx) in enumerate(tokens):
+            assert index[a, b] == (qy - ky + wh - 1) * (2 * ww - 1) + (qx - kx + ww - 1)
+
+
+def test_shift_mask_hand_example():
+    # 4x4 map, window 2, shift 1: regions rows [0,2) [2,3) [3,4) x cols likewise
+    mask = shift_region_mask((4, 4), (2, 2), (1, 1))
+    assert mask.shape == (4, 4, 4)
+    assert (mask[0] == 0).all()  # top-left window lies in one region
+    # bottom-right window holds tokens of four different regions: only the diagonal is allowed
+    assert torch.equal(mask[3], torch.full((4, 4), -100.0).fill_diagonal_(0))
+    # top-right window: columns 2 and 3 are different regions, rows 0 and 1 the same
+    expected = torch.tensor([[0, -100, 0, -100], [-100, 0, -100, 0], [0, -100, 0, -100], [-100, 0, -100, 0]]).float()
+    assert torch.equal(mask[1], expected)
+
+
+def test_partition_reverse_round_trip_and_order():
+    x = torch.arange(2 * 4 * 6 * 3, dtype=torch.float32).view(2, 4, 6, 3)
+    windows = window_partition(x, (2, 3))
+    assert windows.shape == (2, 4, 6, 3)
+    assert torch.equal(windows[0, 1, 0], x[0, 0, 3])  # second window starts at column 3
+    assert torch.equal(windows[0, 2, 4], x[0, 3, 1])  # third window starts at row 2; token 4 = (1, 1)
+    assert torch.equal(window_reverse(windows, (2, 3), (4, 6)), x)
+
+
+def test_clip_window_per_side():
+    assert clip_window((6, 6), (12, 12), (6, 6)) == ((6, 6), (0, 0))
+    assert clip_window((12, 16), (12, 12), (6, 6)) == ((12, 12), (0, 6))
+    assert clip_window((48, 48), (12, 12), (6, 6)) == ((12, 12), (6, 6))
