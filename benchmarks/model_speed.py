@@ -81,7 +81,7 @@ def main() -> None:
             peaks[name] = peak_memory_mb(device)
         for _ in range(args.repeats):
             for name, model in (("ours", ours), ("timm", ref)):
-                times[name].append(timed(lambda m=model: step(m), device))
+                times[name].append(timed(lambda m=model, f=step: f(m), device))
         speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
         results[mode] = {
             "ours_img_s": round(speed["ours"], 2),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .checkpoints import LoadReport, export_timm_state_dict, load_checkpoint
 from .model import SwinTransformer
 from .variants import VARIANTS
@@ -32,6 +34,9 @@ def create_model(name: str, checkpoint=None, **overrides) -> SwinTransformer:
     if name not in VARIANTS:
         close = [n for n in VARIANTS if n.split("_")[:2] == name.split("_")[:2]] or list_models()
         raise ValueError(f"unknown model {name!r}: choose one of swinv2.list_models(), e.g. {', '.join(close[:4])}")
+    unknown = sorted(set(overrides) - set(inspect.signature(SwinTransformer).parameters))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for create_model: see swinv2.SwinTransformer for the options")
     model = SwinTransformer(**{**VARIANTS[name], **overrides})
     if checkpoint is not None:
         print(load_checkpoint(model, checkpoint))

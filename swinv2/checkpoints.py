@@ -95,7 +95,11 @@ def to_our_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     if any(k.startswith("encoder.") for k in state):
         layout = "SimMIM (encoder)"
         dropped += [k for k in state if not k.startswith("encoder.") or k == "encoder.mask_token"]
-        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.") and k != "encoder.mask_token"}
+        state = {
+            k.removeprefix("encoder."): v
+            for k, v in state.items()
+            if k.startswith("encoder.") and k != "encoder.mask_token"
+        }
     has_merging = any(".downsample." in k for k in state)
     if has_merging and not any(k.startswith("layers.0.downsample.") for k in state):
         layout = "timm"
@@ -120,7 +124,9 @@ def _resize_bias_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Te
     rows, heads = table.shape
     side = math.isqrt(rows)
     if side * side != rows:
-        raise ValueError(f"a relative position bias table of {rows} rows is not from a square window: cannot resize it")
+        raise ValueError(
+            f"a relative position bias table of {rows} rows is not from a square window: cannot resize it"
+        )
     grid = table.t().reshape(1, heads, side, side).float()
     grid = F.interpolate(grid, size=(2 * window[0] - 1, 2 * window[1] - 1), mode="bicubic", align_corners=False)
     return grid.reshape(heads, -1).t().to(table.dtype)
@@ -142,7 +148,9 @@ def _check_version(state: dict[str, torch.Tensor], model: nn.Module) -> None:
     is_v2 = any(".cpb_mlp." in k for k in state)
     version = getattr(model, "version", None)
     if version == "v2" and is_v1 and not is_v2:
-        raise ValueError("the checkpoint is a Swin V1 model but the model is Swin V2: create a swin_* (V1) model for it")
+        raise ValueError(
+            "the checkpoint is a Swin V1 model but the model is Swin V2: create a swin_* (V1) model for it"
+        )
     if version == "v1" and is_v2:
         raise ValueError("the checkpoint is a Swin V2 model but the model is Swin V1: create a swinv2_* model for it")
 
@@ -198,9 +206,10 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict) -> LoadR
             "it is not a Swin checkpoint of a known layout"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if any(r.startswith("head:") for r in report.reinitialized) and isinstance(getattr(model, "head", None), nn.Linear):
-        trunc_normal_(model.head.weight, std=0.02)
-        nn.init.zeros_(model.head.bias)
+    head = getattr(model, "head", None)
+    if any(r.startswith("head:") for r in report.reinitialized) and isinstance(head, nn.Linear):
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
     report.missing = [k for k in missing if not k.startswith("head.") or not report.reinitialized]
     report.unexpected = list(unexpected)
     return report
@@ -213,7 +222,9 @@ def export_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         if ".extra_norm." in key:
-            raise ValueError("timm's Swin models have no extra main-branch norm: export a model with extra_norm_every=0")
+            raise ValueError(
+                "timm's Swin models have no extra main-branch norm: export a model with extra_norm_every=0"
+            )
         key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
         out["head.fc." + key[5:] if key.startswith("head.") else key] = value
     return out

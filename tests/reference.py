@@ -54,8 +54,10 @@ def reference_window_attention(block, x: torch.Tensor) -> torch.Tensor:
                             # a zero-padded token has k = 0 (no k bias): its cosine is taken as 0, as with
                             # x / max(|x|, eps)
                             qa, kb = qh[:, a], kh[:, b]
-                            cos = (qa * kb).sum(-1) / (qa.norm(dim=-1).clamp_min(1e-12) * kb.norm(dim=-1).clamp_min(1e-12))
-                            coord = torch.tensor([_log_coord(dy, ref_h - 1), _log_coord(dx, ref_w - 1)], dtype=torch.float64)
+                            norms = qa.norm(dim=-1).clamp_min(1e-12) * kb.norm(dim=-1).clamp_min(1e-12)
+                            cos = (qa * kb).sum(-1) / norms
+                            coord = [_log_coord(dy, ref_h - 1), _log_coord(dx, ref_w - 1)]
+                            coord = torch.tensor(coord, dtype=torch.float64)
                             hidden = torch.relu(coord @ fc1.weight.double().t() + fc1.bias.double())
                             pos_bias = 16 * torch.sigmoid(hidden @ fc2.weight.double()[h])
                             logits[:, a, b] = cos * scale[h] + pos_bias

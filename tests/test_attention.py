@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import randomize_
 from reference import reference_window_attention
+
 from swinv2.model import SwinBlock
 
 CASES = [

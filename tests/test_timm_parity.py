@@ -9,9 +9,9 @@ out as a wrong mask, so padded inputs are compared against our float64 reference
 import pytest
 import timm
 import torch
+from conftest import TINY_V1, TINY_V2, randomize_
 
 import swinv2
-from conftest import TINY_V1, TINY_V2, randomize_
 
 CASES = [
     # name, overrides (shared by both libraries), input (H, W)
@@ -72,7 +72,7 @@ def test_gradients_match_timm(name):
     for model in (ours, ref):
         torch.nn.functional.cross_entropy(model(x), target).backward()
     ref_grads = dict(ref.named_parameters())
-    for key, timm_key in zip(ours.state_dict(), swinv2.export_timm_state_dict(ours)):
+    for key, timm_key in zip(ours.state_dict(), swinv2.export_timm_state_dict(ours), strict=True):
         p = dict(ours.named_parameters()).get(key)
         if p is not None:
             _assert_rel_close(p.grad, ref_grads[timm_key].grad, tol=1e-9)
