@@ -238,7 +238,8 @@ class SwinTransformer(nn.Module):
         pretrained = [
             to_2tuple(w) if w else None for w in _per_stage(pretrained_window_sizes, num_stages, "pretrained_window_sizes")
         ]
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        drop_path = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear stochastic-depth rule
         self.stage_windows: list[Size2] = []
         layers, size, dim = [], self.patch_grid, embed_dim
         for i, depth in enumerate(depths):
