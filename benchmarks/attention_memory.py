@@ -1,8 +1,9 @@
 """Peak memory of window attention computed in sequential chunks (Swin V2 sec. 3.4) vs all windows at once.
 
 Each configuration runs in a fresh process so the process high-water mark (CPU; reported as its growth
-during the forward passes) or the CUDA allocator's peak is its own. The explicit attention path is used because it is the one that materialises the
-``(windows x heads, N, N)`` attention maps (SDPA's fused kernels already avoid it where they apply).
+during the forward passes) or the CUDA allocator's peak is its own. The explicit attention path is used
+because it is the one that materialises the ``(windows x heads, N, N)`` attention maps (SDPA's fused
+kernels already avoid it where they apply).
 
     python benchmarks/attention_memory.py --img 512 --chunks 0 16 4
 """

@@ -12,8 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import trunc_normal_
+from torch import nn
 
 from .windows import Size2, log_spaced_coords_table, relative_position_index
 
@@ -161,7 +161,9 @@ class WindowAttentionV2(WindowAttention):
         super().__init__(dim, num_heads, window, qkv_bias=False, **kwargs)
         self.pretrained_window = pretrained_window
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))

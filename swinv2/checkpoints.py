@@ -26,7 +26,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
-WRAPPER_KEYS = ("model", "module", "state_dict", "model_state", "model_ema")
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
 
 
 @dataclass

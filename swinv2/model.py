@@ -98,7 +98,9 @@ class SwinBlock(nn.Module):
         self.version, self.window, self.shift = version, window, shift
         common = dict(attn_drop=attn_drop, proj_drop=drop, fused=fused_attn, chunk_size=attn_chunk_size)
         if version == "v2":
-            self.attn = WindowAttentionV2(dim, num_heads, window, qkv_bias, pretrained_window=pretrained_window, **common)
+            self.attn = WindowAttentionV2(
+                dim, num_heads, window, qkv_bias, pretrained_window=pretrained_window, **common
+            )
         else:
             self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, **common)
         self.norm1 = nn.LayerNorm(dim)
@@ -219,7 +221,9 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
         img_size = to_2tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}: choose one that is")
+            raise ValueError(
+                f"img_size {img_size} is not a multiple of the patch size {patch_size}: choose one that is"
+            )
         num_stages = len(depths)
         self.version, self.img_size, self.patch_size = version, img_size, patch_size
         self.num_classes, self.embed_dim, self.depths = num_classes, embed_dim, tuple(depths)
@@ -235,9 +239,8 @@ class SwinTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
 
         windows = [to_2tuple(w) for w in _per_stage(window_size, num_stages, "window_size")]
-        pretrained = [
-            to_2tuple(w) if w else None for w in _per_stage(pretrained_window_sizes, num_stages, "pretrained_window_sizes")
-        ]
+        pretrained_per_stage = _per_stage(pretrained_window_sizes, num_stages, "pretrained_window_sizes")
+        pretrained = [to_2tuple(w) if w else None for w in pretrained_per_stage]
         total = sum(depths)
         drop_path = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear stochastic-depth rule
         self.stage_windows: list[Size2] = []

@@ -1,4 +1,6 @@
-"""Pure tensor helpers for shifted-window attention (Swin, arXiv 2103.14030 sec. 3.2; Swin V2, arXiv 2111.09883 sec. 3.3).
+"""Pure tensor helpers for shifted-window attention.
+
+Swin, arXiv 2103.14030 sec. 3.2; Swin V2, arXiv 2111.09883 sec. 3.3.
 
 Everything here is a function of shapes (and the tensor it is given): no parameters, no state. Layouts are
 channels-last, ``(B, H, W, C)``, the layout the blocks work in.
@@ -32,8 +34,8 @@ def clip_window(feature_size: Size2, window: Size2, shift: Size2) -> tuple[Size2
     A side whose feature extent is <= the window gets window = extent and no shift. For square maps this is
     the authors' rule; for non-square maps it matches timm.
     """
-    win = tuple(min(f, w) for f, w in zip(feature_size, window))
-    sft = tuple(0 if f <= w else s for f, w, s in zip(feature_size, win, shift))
+    win = tuple(min(f, w) for f, w in zip(feature_size, window, strict=True))
+    sft = tuple(0 if f <= w else s for f, w, s in zip(feature_size, win, shift, strict=True))
     return win, sft  # type: ignore[return-value]
 
 
