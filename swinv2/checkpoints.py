@@ -100,17 +100,17 @@ def to_our_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
             for k, v in state.items()
             if k.startswith("encoder.") and k != "encoder.mask_token"
         }
-    has_merging = any(".downsample." in k for k in state)
-    if has_merging and not any(k.startswith("layers.0.downsample.") for k in state):
+    # timm merges patches at the START of stage N+1 (stage 0 has none) and names the classifier head.fc
+    merging_at_start = any(".downsample." in k for k in state) and not any(
+        k.startswith("layers.0.downsample.") for k in state
+    )
+    if merging_at_start or "head.fc.weight" in state:
         layout = "timm"
         renamed = {}
         for k, v in state.items():
             k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
-            renamed[k.replace("head.fc.", "head.", 1) if k.startswith("head.fc.") else k] = v
+            renamed["head." + k[8:] if k.startswith("head.fc.") else k] = v
         state = renamed
-    elif "head.fc.weight" in state:
-        layout = "timm"
-        state = {(k.replace("head.fc.", "head.", 1) if k.startswith("head.fc.") else k): v for k, v in state.items()}
     derived = [k for k in state if k.rsplit(".", 1)[-1] in DERIVED_BUFFERS]
     dropped += derived
     state = {k: v for k, v in state.items() if k not in derived}
