@@ -19,6 +19,7 @@ from .windows import Size2, log_spaced_coords_table, relative_position_index
 
 # A Python float, not a tensor: a CPU tensor built in forward breaks on GPU and under graph capture.
 MAX_LOGIT_SCALE = math.log(100.0)
+NORM_EPS = 1e-12  # F.normalize's default
 
 
 def attend(
@@ -32,12 +33,16 @@ def attend(
 ) -> torch.Tensor:
     """Softmax attention over windows: q, k, v ``(B, nW, nH, N, d)``; bias ``(nH, N, N)`` or ``(nW, nH, N, N)``.
 
-    Returns ``(B, nW, nH, N, d)``. The fused path folds windows into SDPA's head axis when the bias differs per
-    window (shifted blocks), so the ``(nW*nH, N, N)`` bias broadcasts over the batch without being copied.
+    Returns ``(B, nW, nH, N, d)``. Training (or ``fused=False``) takes the explicit path; otherwise SDPA, with
+    windows folded into its head axis when the bias differs per window (shifted blocks), so the
+    ``(nW*nH, N, N)`` bias broadcasts over the batch without being copied.
     """
     B, nW, nH, N, d = q.shape
-    if not fused:
-        attn = (q * scale) @ k.transpose(-2, -1) + bias
+    if not fused or (torch.is_grad_enabled() and q.requires_grad):
+        # Explicit path, also for training: SDPA's math fallback (taken when the bias needs a gradient) costs
+        # extra passes for scaling q and k and for expanding the mask.
+        attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
+        attn += bias  # in place: the matmul backward does not need its output
         attn = F.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
         return attn @ v
     if bias.dim() == 4:  # per-window bias: windows become heads
@@ -94,7 +99,7 @@ class WindowAttention(nn.Module):
         """``(2wh-1)*(2ww-1)`` rows of per-head biases -> ``(nH, N, N)`` via the relative position index."""
         N = self.window[0] * self.window[1]
         bias = table.reshape(-1, self.num_heads)[self.relative_position_index.view(-1)]
-        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1).contiguous()  # small; spares SDPA a strided mask
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x ``(B, nW, N, C)``; mask ``(nW, N, N)`` additive shift mask or None. Returns ``(B, nW, N, C)``."""
@@ -104,7 +109,7 @@ class WindowAttention(nn.Module):
         q, k, scale = self.scale_qk(q, k)  # each (B, nW, nH, N, d)
         bias = self.position_bias().to(q.dtype)
         if mask is not None:
-            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
+            bias = mask.to(q.dtype).unsqueeze(1) + bias  # (nW, nH, N, N); mask first: contiguous result, no copy
         dropout_p = self.attn_drop if self.training else 0.0
         step = self.chunk_size or nW
         chunks = [
@@ -180,8 +185,13 @@ class WindowAttentionV2(WindowAttention):
         return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
     def scale_qk(self, q, k):
+        # F.normalize's x / max(||x||, eps) with the logit scale folded into q's factor: one full pass per
+        # tensor. The small factor goes first and contiguous so the product comes out in the (B, nW, nH, N, d)
+        # layout that the attention matmuls read without another copy.
         logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp().to(q.dtype)
-        return F.normalize(q, dim=-1) * logit_scale, F.normalize(k, dim=-1), 1.0
+        q_factor = (logit_scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(NORM_EPS)).contiguous()
+        k_factor = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(NORM_EPS).reciprocal().contiguous()
+        return q_factor * q, k_factor * k, 1.0
 
     def _cpb(self) -> torch.Tensor:
         fc1, fc2 = self.cpb_mlp[0], self.cpb_mlp[2]

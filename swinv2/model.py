@@ -299,9 +299,18 @@ class SwinTransformer(nn.Module):
         for stage in self.layers:
             stage.checkpoint_activations = enabled
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> patch tokens ``(B, H/p, W/p, C)`` (with the absolute embedding if any)."""
+    def embed(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> patch tokens ``(B, H/p, W/p, C)`` (with the absolute embedding if any).
+
+        With ``mask`` ``(B, H/p, W/p)`` (1 = masked) and ``mask_token`` ``(C,)``, masked tokens are replaced by the
+        token before the position embedding is added, as in masked image modelling (SimMIM, arXiv 2111.09886 3.1).
+        """
         x = self.patch_embed(x)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
         if self.absolute_pos_embed is not None:
             x = x + self._absolute_pos_embed(x.shape[1:3])
         return self.pos_drop(x)
