@@ -1,0 +1,134 @@
+"""SimMIM pretraining transform, reconstruction grids and a small end-to-end learning run on drawn images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from simmim_helpers import TINY, V2, masks, one_thread  # noqa: F401 (fixture)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import default_collate
+
+import simmim
+import swinv2
+
+MEAN, STD = np.array(IMAGENET_DEFAULT_MEAN), np.array(IMAGENET_DEFAULT_STD)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def drawn_image(i: int, size: int = 64) -> Image.Image:
+    """A real-looking picture: a colour gradient with an ellipse, a rectangle and a line, varied by ``i``."""
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    background = np.stack([xx * 200 + 30 * i, yy * 180 + 20, (1 - xx) * 120 + 40 * i], -1)
+    image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([8 + 4 * i, 10, 36 + 4 * i, 40], fill=(220, 40 + 50 * i, 60))
+    draw.rectangle([30, 28 + 3 * i, 58, 56], fill=(30, 90, 200 - 40 * i))
+    draw.line([0, 60 - 10 * i, size - 1, 5 + 10 * i], fill=(250, 250, 250), width=3)
+    return image
+
+
+# ---------------------------------------------------------------- transform
+
+
+def test_pretrain_transform_normalises_and_draws_a_fresh_mask_per_sample():
+    gen = simmim.MaskGenerator((64, 96), mask_patch_size=16, model_patch_size=4)
+    transform = simmim.PretrainTransform((64, 96), gen)
+    colour = (200, 30, 90)
+    image, mask = transform(Image.new("RGB", (150, 120), colour))
+    assert image.shape == (3, 64, 96) and image.dtype == torch.float32
+    want = (np.array(colour) / 255 - MEAN) / STD  # a flat colour is the same after any crop or flip
+    for c in range(3):
+        torch.testing.assert_close(image[c], torch.full((64, 96), want[c], dtype=torch.float32))
+    assert mask.shape == (16, 24) and mask.sum() == 15 * 16  # ceil(24 * 0.6) = 15 cells of 4x4 tokens
+    draws = {tuple(transform(Image.new("RGB", (96, 64)))[1].flatten().tolist()) for _ in range(10)}
+    assert len(draws) == 10
+    grey, _ = transform(Image.new("L", (100, 100), 128))  # grey-scale files come out as 3 channels
+    assert grey.shape == (3, 64, 96)
+
+
+def test_pretrain_transform_crops_and_flips():
+    transform = simmim.PretrainTransform(64, simmim.MaskGenerator(64, 16, 4))
+    crop = transform.transform.transforms[1]
+    assert crop.size == (64, 64) and crop.scale == (0.67, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1)))  # brighter to the right
+    slopes = [torch.sign(x[0, :, -1] - x[0, :, 0]).mean().item() for x, _ in (transform(ramp) for _ in range(30))]
+    assert {1.0, -1.0} == set(slopes)  # both orientations occur: the flip is random
+    widths = {round(float(x[0, 0, -1] - x[0, 0, 0]) * STD[0] * 255) for x, _ in (transform(ramp) for _ in range(10))}
+    assert len(widths) > 1 and all(160 <= abs(w) <= 256 for w in widths)  # crops of 67-100 % of the area
+
+
+def test_transform_and_mask_sizes_must_agree():
+    with pytest.raises(ValueError, match=r"mask generator is for 192x192 images but img_size is 224x224"):
+        simmim.PretrainTransform(224, simmim.MaskGenerator(192))
+
+
+def test_collated_samples_feed_simmim():
+    gen = simmim.MaskGenerator(64, 16, 4)
+    transform = simmim.PretrainTransform(64, gen)
+    images, mask = default_collate([transform(drawn_image(i)) for i in range(3)])
+    assert images.shape == (3, 3, 64, 64) and mask.shape == (3, 16, 16)
+    model = simmim.SimMIM(swinv2.create_model(V2, **TINY))
+    assert torch.isfinite(model(images, mask))
+
+
+# ---------------------------------------------------------------- grid
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """Float64 reference un-normalisation: (3, H, W) normalised -> (H, W, 3) uint8."""
+    rgb = x.double().numpy().transpose(1, 2, 0) * STD + MEAN
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def test_reconstruction_grid_panels_and_png_round_trip(tmp_path):
+    images, reconstruction = torch.randn(3, 3, 64, 96), torch.randn(3, 3, 64, 96)
+    images[0, :, :8, :8] = 50.0  # far outside [0, 1] after un-normalising: clipped to 255
+    mask = masks((64, 96), 3)
+    grid = simmim.reconstruction_grid(images, mask, reconstruction, max_images=2)
+    assert grid.shape == (2 * 64, 4 * 96, 3) and grid.dtype == np.uint8
+    assert grid[:8, :8].min() == 255 and grid.min() == 0
+    for i in range(2):
+        row = grid[i * 64 : (i + 1) * 64]
+        original, masked, pasted, raw = (row[:, k * 96 : (k + 1) * 96].astype(int) for k in range(4))
+        m = mask[i].repeat_interleave(4, 0).repeat_interleave(4, 1).bool().numpy()
+        want_original, want_raw = to_pixels(images[i]).astype(int), to_pixels(reconstruction[i]).astype(int)
+        assert np.abs(original - want_original).max() <= 1 and np.abs(raw - want_raw).max() <= 1
+        assert np.abs(masked[~m] - want_original[~m]).max() <= 1 and np.all(np.abs(masked[m] - 127.5) <= 1)
+        assert np.abs(pasted[~m] - want_original[~m]).max() <= 1 and np.abs(pasted[m] - want_raw[m]).max() <= 1
+    Image.fromarray(grid).save(tmp_path / "grid.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), grid)
+
+
+def test_reconstruction_grid_from_a_model():
+    model = simmim.SimMIM(swinv2.create_model(V2, **TINY), norm_target_patch_size=47).eval()
+    images, mask = torch.randn(2, 3, 64, 64), masks(64, 2)
+    with torch.no_grad():
+        grid = simmim.reconstruction_grid(images, mask, model.reconstruct(images, mask))
+    assert grid.shape == (2 * 64, 4 * 64, 3)
+    with pytest.raises(ValueError, match=r"mask \(2, 5, 5\) does not fit images"):
+        simmim.reconstruction_grid(images, torch.zeros(2, 5, 5), images)
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_tiny_encoder_learns_to_fill_in_unseen_masks():
+    """Trained on fresh random masks, the loss on a held-out set of masks falls by at least half (SimMIM sec. 3)."""
+    pictures = np.stack([np.asarray(drawn_image(i)) / 255 for i in range(4)])
+    images = torch.from_numpy((pictures - MEAN) / STD).permute(0, 3, 1, 2).float()  # (4, 3, 64, 64)
+    held_out = masks(64, 4, seed=1000)
+    torch.manual_seed(0)
+    model = simmim.SimMIM(swinv2.create_model(V2, **TINY))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    gen, draws = simmim.MaskGenerator(64, 16, 4), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        before = model(images, held_out).item()
+    for _ in range(120):
+        loss = model(images, torch.stack([gen(generator=draws) for _ in range(4)]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model(images, held_out).item()
+    assert after <= 0.5 * before, f"held-out loss {before:.3f} -> {after:.3f}"
