@@ -1,0 +1,146 @@
+"""SimMIM pretraining run: config -> demo/shard stream -> SimMIM on a Swin encoder -> DeepSpeed -> step loop.
+
+``launch/pretrain.py`` parses the command line and calls :func:`pretrain`; everything else lives here so tests
+reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import swinv2
+from swinv2.data import build_loader
+from swinv2.train.checkpointing import CheckpointManager
+from swinv2.train.config import ConfigError, PretrainConfig, to_dict, to_yaml
+from swinv2.train.engine import accumulation_steps, build_engine, init_distributed
+from swinv2.train.loop import LoopEnd, train_loop
+from swinv2.train.tracking import Tracker
+
+from .masking import MaskGenerator
+from .model import SimMIM
+from .transforms import PretrainTransform
+from .visualize import reconstruction_grid
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_simmim(cfg: PretrainConfig) -> SimMIM:
+    """The SimMIM model of the config (encoder built as ``cfg.model`` says, no classification head)."""
+    m = cfg.model
+    options: dict[str, Any] = dict(
+        num_classes=0, img_size=m.img_size, drop_path_rate=m.drop_path_rate,
+        checkpoint_activations=m.checkpoint_activations, attn_chunk_size=m.attn_chunk_size or None,
+    )
+    for key in ("window_size", "pretrained_window_sizes", "extra_norm_every", "embed_dim", "depths", "num_heads"):
+        value = getattr(m, key)
+        if value is not None:
+            options[key] = list(value) if isinstance(value, (list, tuple)) else value
+    encoder = swinv2.create_model(m.name, **options)
+    return SimMIM(encoder, norm_target_patch_size=cfg.simmim.norm_target_patch_size or None)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_config(cfg: PretrainConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, out / "config.yaml")
+
+
+def pretrain(cfg: PretrainConfig) -> LoopEnd:
+    """Run (or resume) SimMIM pretraining as configured; returns where the loop stopped."""
+    rank, world = init_distributed()
+    try:  # needs the world size, so it is checked here rather than in load_config; still a config error (exit 2)
+        accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _seed_everything(cfg.run.seed)  # same initial weights on every rank
+    out = Path(cfg.run.output_dir)
+    if rank == 0:
+        print(to_yaml(cfg), flush=True)
+        _write_config(cfg, out)
+
+    model = build_simmim(cfg)
+    mask_generator = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, model.patch_size,
+                                   cfg.simmim.mask_ratio)
+    loader = build_loader(cfg.data, "pretrain", PretrainTransform(cfg.model.img_size, mask_generator), rank, world)
+    steps_per_epoch = len(loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"one epoch has {len(loader)} batches per rank, fewer than the {accumulation} accumulation steps of one "
+            "optimizer step: raise data.samples_per_epoch or lower deepspeed.global_batch"
+        )
+    total_steps = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
+    point = checkpoints.resume_point(world) if cfg.resume else None
+    engine = build_engine(model, cfg, world, steps_per_epoch, load_universal=bool(point and point.universal))
+    client = checkpoints.load(engine, point) if point else {}
+    start_step, data_epoch = client.get("step", 0), client.get("data_epoch", 0)
+
+    tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
+                      cfg.run.log_every)
+    if point:
+        tracker.print(f"resumed from {checkpoints.dir / point.tag} at step {start_step}"
+                      + (" (universal checkpoint: world size changed)" if point.universal else ""))
+    dtype = DTYPES[cfg.deepspeed.precision]
+
+    def compute_loss(batch: dict) -> torch.Tensor:
+        images = batch["image"].to(engine.device, dtype, non_blocking=True)
+        return engine(images, batch["mask"].to(engine.device, non_blocking=True))
+
+    def images(step: int, batch: dict) -> None:
+        every = cfg.run.image_every
+        if not ((every and step % every == 0) or step == total_steps or step == cfg.run.max_steps):
+            return
+        save_reconstruction(engine, batch, dtype, tracker, step)
+
+    def client_state(step: int, epoch: int) -> dict:
+        return {"step": step, "data_epoch": epoch, "wandb_id": tracker.run_id, "config": to_dict(cfg),
+                "data_seed": cfg.data.seed}
+
+    end = train_loop(
+        engine, loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
+        tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
+        client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=images,
+    )
+    tracker.print(f"stopped at step {end.step} ({end.reason}); checkpoints in {checkpoints.dir}, "
+                  f"reconstructions in {out / 'images'}")
+    tracker.finish()
+    return end
+
+
+@torch.no_grad()
+def save_reconstruction(engine: Any, batch: dict, dtype: torch.dtype, tracker: Tracker, step: int) -> None:
+    """Reconstruct up to 8 images of ``batch`` (collective under ZeRO-3) and save the grid on rank 0."""
+    model: SimMIM = engine.module
+    images = batch["image"][:8].to(engine.device, dtype)
+    mask = batch["mask"][:8].to(engine.device)
+    was_training = model.training
+    model.eval()
+    with _gathered([model.mask_token]):
+        reconstruction = model.reconstruct(images, mask)
+    model.train(was_training)
+    tracker.image("reconstruction", reconstruction_grid(images.float(), mask, reconstruction.float()), step)
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """ZeRO-3 partitions parameters; ones used outside a module's own forward must be gathered explicitly."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    from contextlib import nullcontext
+
+    return nullcontext()

@@ -1,0 +1,207 @@
+"""The training configuration: typed dataclass sections merged from YAML and ``key=value`` overrides (OmegaConf).
+
+Defaults are the SwinV2 SimMIM recipe (SPEC section 4: AdamW 0.9/0.999, wd 0.05, base LR 1e-4 per 512 images,
+10 warmup epochs from 5e-7, step decay x0.1 at epoch 700 of 800, clip 5.0, normalised target 47), so a config
+file only states what differs. Unknown keys and wrong types fail at start-up with the key's name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..data.config import DataConfig
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("multistep", "cosine")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class ModelConfig:
+    """Which Swin to build (``swinv2.create_model`` name) and the options it is built with."""
+
+    name: str = "swinv2_base_window12_192"
+    img_size: int = 192
+    # Architecture overrides (None: the named variant's), e.g. a small encoder for experiments and the demo.
+    embed_dim: int | None = None
+    depths: list[int] | None = None
+    num_heads: list[int] | None = None
+    window_size: int | None = None  # None: the variant's window
+    pretrained_window_sizes: list[int] | None = None
+    drop_path_rate: float = 0.1
+    checkpoint_activations: bool = False
+    attn_chunk_size: int = 0
+    extra_norm_every: int | None = None  # None: the variant's default (6 for H and G)
+
+
+@dataclass
+class SimMIMConfig:
+    """Masking and target of SimMIM (arXiv 2111.09886 sec. 3; 47 is the SwinV2 normalised-target window)."""
+
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    norm_target_patch_size: int = 47  # 0: plain pixels as the target
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; learning rates are per ``lr_batch_reference`` images and scaled linearly by the global batch."""
+
+    base_lr: float = 1e-4
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    lr_batch_reference: int = 512
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    clip_grad: float = 5.0  # 0: no clipping
+    layer_decay: float = 1.0  # fine-tuning: layer-wise LR decay (SPEC section 3); 1.0 is off
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-step linear warmup, then ``multistep`` (x ``gamma`` at each milestone) or ``cosine`` to ``min_lr``."""
+
+    epochs: float = 800
+    warmup_epochs: float = 10
+    kind: str = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [700.0])  # epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed runs it; the DeepSpeed JSON is derived from this (``extra_json`` is merged on top)."""
+
+    global_batch: int = 2048  # = data.batch_size x accumulation x world size
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "bf16"
+    fp16_initial_scale_power: int = 16
+    extra_json: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints in ``run.output_dir/checkpoints``; the last ``keep_last`` are kept."""
+
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking from rank 0 (``offline`` and ``disabled`` need no network)."""
+
+    project: str = "swinv2-simmim"
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes, its seed, and how often it reports."""
+
+    output_dir: str = "runs/simmim"
+    seed: int = 0
+    max_steps: int = 0  # 0: the whole schedule; otherwise stop (and checkpoint) after this many steps
+    log_every: int = 20
+    image_every: int = 500  # reconstruction grid to wandb and PNG every this many steps (0: only at the end)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``launch/pretrain.py`` needs (SimMIM pretraining)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
+
+
+class ConfigError(ValueError):
+    """A bad config file or override, explained in one sentence."""
+
+
+def load_config(schema: type, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Any:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated; returns a schema instance."""
+    try:
+        cfg = OmegaConf.structured(schema)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing --config YAML")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value: write e.g. optim.base_lr=2e-4")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {first}; fix it in the YAML file or the key=value override") from None
+    except ValueError as error:  # a section's own validation (e.g. DataConfig) already names the key
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error)) from None
+    check(obj)
+    return obj
+
+
+def check(cfg: Any) -> None:
+    """Cross-field checks the types cannot express, one sentence each."""
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    if hasattr(cfg, "deepspeed"):
+        ds = cfg.deepspeed
+        need(ds.precision in PRECISIONS, f"deepspeed.precision must be one of {', '.join(PRECISIONS)}")
+        need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
+        need(ds.global_batch > 0, "deepspeed.global_batch must be positive")
+        need(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3")
+        need(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer needs zero_stage >= 1")
+    if hasattr(cfg, "schedule"):
+        sc = cfg.schedule
+        need(sc.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
+        need(sc.epochs > 0, "schedule.epochs must be positive")
+        need(0 <= sc.warmup_epochs <= sc.epochs, "schedule.warmup_epochs must be between 0 and schedule.epochs")
+    if hasattr(cfg, "wandb"):
+        need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode must be one of {', '.join(WANDB_MODES)}")
+    if hasattr(cfg, "optim"):
+        need(cfg.optim.base_lr > 0, "optim.base_lr must be positive")
+        need(0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]")
+    if hasattr(cfg, "simmim"):
+        sm = cfg.simmim
+        need(0 < sm.mask_ratio < 1, "simmim.mask_ratio must be in (0, 1)")
+        need(sm.norm_target_patch_size == 0 or sm.norm_target_patch_size % 2 == 1,
+             "simmim.norm_target_patch_size must be odd (47 in the recipe) or 0 for plain pixels")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (printed at start, saved in the output directory and in checkpoints)."""
+    return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain Python containers (for wandb and checkpoint client state)."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True)

@@ -1,0 +1,73 @@
+"""DeepSpeed checkpoints out of training: consolidated fp32 weights, the encoder alone, universal checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpointing import MARKER, TAG, CheckpointManager
+
+
+def locate(path: str | os.PathLike) -> tuple[Path, str]:
+    """``(checkpoints folder, tag)`` from a run directory, its ``checkpoints`` folder or one checkpoint's folder.
+
+    The newest complete checkpoint is taken unless a checkpoint folder itself is given.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: pass a run directory or a DeepSpeed checkpoint")
+    if TAG.match(path.name) and path.is_dir():
+        if not (path / MARKER).is_file():
+            raise ValueError(f"checkpoint {str(path)!r} is incomplete (no {MARKER}; its write was interrupted): "
+                             "pass an earlier one")
+        return path.parent, path.name
+    for folder in (path / "checkpoints", path):
+        tags = CheckpointManager(folder, keep_last=0, rank=0).complete_tags()
+        if tags:
+            return folder, tags[-1]
+    raise FileNotFoundError(f"no complete checkpoint under {str(path)!r}: pass a run directory with a checkpoints "
+                            "folder, or a step* checkpoint folder")
+
+
+def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All weights of a (possibly ZeRO-partitioned, bf16/fp16) DeepSpeed checkpoint as one fp32 state dict."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder, tag = locate(path)
+    optim_files = list((folder / tag).glob("*optim_states.pt"))
+    if optim_files:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    else:  # ZeRO stage 0 in fp32: the module weights are the master weights
+        states = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = states["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def encoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone of a SimMIM state dict (``encoder.*``, mask token and decoder dropped), as swinv2 loads it."""
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError("the checkpoint has no encoder.* weights: it is not a SimMIM checkpoint")
+    return encoder
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write ``state`` as safetensors via a temporary name and a rename (never half-written)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def to_universal(path: str | os.PathLike) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format (``<tag>_universal``) so a run resumes at another
+    world size; the resumed run picks it up by itself."""
+    folder, tag = locate(path)
+    CheckpointManager(folder, keep_last=0, rank=0).ensure_universal(tag)
+    return folder / f"{tag}_universal"

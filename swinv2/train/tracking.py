@@ -1,0 +1,110 @@
+"""Rank-0 reporting: wandb (online, offline or disabled), a tqdm bar on a terminal or log lines otherwise, PNGs."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class Tracker:
+    """Metrics to wandb and the console, images to wandb and PNG files; every method is a no-op off rank 0.
+
+    ``run_id`` resumes the same wandb run after a restart (it is stored in checkpoints).
+    """
+
+    def __init__(self, wandb_cfg: Any, output_dir: str | os.PathLike, config: dict, rank: int, total_steps: int,
+                 start_step: int = 0, run_id: str | None = None, log_every: int = 20):
+        self.rank, self.total_steps, self.log_every = rank, total_steps, log_every
+        self.output_dir = Path(output_dir)
+        self.run = None
+        self.run_id = run_id
+        self.bar = None
+        self._start = time.monotonic()
+        self._start_step = start_step
+        if rank != 0:
+            return
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.run_id = run_id or secrets.token_hex(4)  # stored in checkpoints so a resume continues this run
+            self.run = wandb.init(
+                project=wandb_cfg.project, name=wandb_cfg.name, tags=list(wandb_cfg.tags), mode=wandb_cfg.mode,
+                config=config, dir=str(self.output_dir), id=self.run_id, resume="allow",
+            )
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def eta_seconds(self, step: int) -> float:
+        done = step - self._start_step
+        elapsed = time.monotonic() - self._start
+        return elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Send ``metrics`` for optimizer step ``step``; the console shows them every ``log_every`` steps."""
+        if self.rank != 0:
+            return
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k.split("/")[-1]: _short(v) for k, v in metrics.items() if k.startswith("train/")},
+                                 refresh=True)
+        elif step % self.log_every == 0 or step == self.total_steps:
+            shown = " ".join(f"{k.split('/')[-1]} {_short(v)}" for k, v in metrics.items() if k != "train/eta_min")
+            eta = self.eta_seconds(step)
+            print(f"step {step}/{self.total_steps} {shown} eta {_duration(eta)}", flush=True)
+
+    def image(self, key: str, array: np.ndarray, step: int) -> Path | None:
+        """Save an RGB uint8 image as ``output_dir/images/{key}_{step}.png`` (atomically) and send it to wandb."""
+        if self.rank != 0:
+            return None
+        from PIL import Image
+
+        folder = self.output_dir / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{key}_{step:08d}.png"
+        tmp = path.with_suffix(".png.tmp")
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(array)}, step=step)
+        return path
+
+    def print(self, message: str) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _short(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
