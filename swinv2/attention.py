@@ -211,3 +211,9 @@ class WindowAttentionV2(WindowAttention):
             with torch.no_grad():
                 self._bias_cache = (key, self._cpb())
         return self._bias_cache[1]
+
+    def train(self, mode: bool = True) -> WindowAttentionV2:
+        # Optimizers that write through ``.data`` (DeepSpeed's) leave the version counter of the cache key
+        # unchanged, so every train/eval switch (e.g. ``model.eval()`` before an evaluation) starts afresh.
+        self._bias_cache = None
+        return super().train(mode)

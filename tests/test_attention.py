@@ -78,3 +78,18 @@ def test_cpb_cache_follows_weight_updates():
         fresh = block(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
+def test_cpb_cache_is_dropped_on_train_eval_switch():
+    """DeepSpeed updates weights through ``.data``, invisible to the version counter; eval() must not go stale."""
+    block = randomize_(SwinBlock("v2", 16, 2, (4, 4), (0, 0))).eval()
+    x = torch.randn(1, 4, 4, 16)
+    with torch.no_grad():
+        before = block(x)
+        block.attn.cpb_mlp[2].weight.data.mul_(3.0)  # same version counter: the cache key cannot see it
+        block.train().eval()
+        after = block(x)
+        block.attn._bias_cache = None
+        fresh = block(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)

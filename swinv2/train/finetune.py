@@ -1,0 +1,206 @@
+"""Fine-tuning run: pretrained weights -> classifier at the new size and window -> DeepSpeed -> step loop, with
+an evaluation after every epoch and at the end (SimMIM arXiv 2111.09886 sec. 4.1; Swin V2 arXiv 2111.09883 3.3).
+
+``launch/finetune.py`` parses the command line and calls :func:`finetune`; everything else lives here (and in
+:mod:`.weights`, :mod:`.evaluate`, :mod:`.keep`) so tests reach it. The recipe is in :mod:`.finetune_config`:
+layer-wise LR decay (applied once, :func:`swinv2.train.optim.param_groups`), warmup + cosine, drop path,
+RandAugment and random erasing (the data stream), Mixup/CutMix with label smoothing (here), optional EMA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import build_loader
+from .checkpointing import CheckpointManager
+from .config import to_dict, to_yaml
+from .engine import accumulation_steps, build_engine, init_distributed
+from .evaluate import evaluate
+from .finetune_config import FinetuneConfig, mixup_enabled
+from .keep import BestKeeper, EmaCheckpointManager, full_state_dict
+from .loop import LoopEnd, train_loop
+from .tracking import Tracker
+from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class FinetuneResult:
+    """Where the loop stopped, the last evaluation and the best one (``None`` if nothing was evaluated)."""
+
+    end: LoopEnd
+    last: dict | None
+    best: dict | None
+
+
+def build_mixup(cfg: FinetuneConfig) -> Any:
+    """timm's Mixup/CutMix (soft targets with label smoothing folded in), or ``None`` when it is off."""
+    if not mixup_enabled(cfg):
+        return None
+    from timm.data import Mixup
+
+    mx = cfg.mixup
+    return Mixup(mixup_alpha=mx.mixup_alpha, cutmix_alpha=mx.cutmix_alpha, prob=mx.prob, switch_prob=mx.switch_prob,
+                 mode=mx.mode, label_smoothing=mx.label_smoothing, num_classes=cfg.model.num_classes)
+
+
+def build_criterion(cfg: FinetuneConfig) -> nn.Module:
+    """Soft-target cross-entropy after Mixup; label-smoothing (or plain) cross-entropy without it."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_enabled(cfg):
+        return SoftTargetCrossEntropy()
+    if cfg.mixup.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.mixup.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def build_ema(model: nn.Module, cfg: FinetuneConfig) -> Any:
+    """timm's ``ModelEmaV3`` in float32 (a bf16 average would round most updates away), or ``None``."""
+    if not cfg.ema.enabled:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup, dtype=torch.float32)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Run (or resume) fine-tuning as configured."""
+    resuming = cfg.resume and CheckpointManager(Path(cfg.run.output_dir) / "checkpoints", 0, 0).complete_tags()
+    if cfg.pretrained and not resuming:
+        check_exists(cfg.pretrained)  # before anything is written to the output directory
+    rank, world = init_distributed()
+    _seed_everything(cfg.run.seed)  # same initial head on every rank
+    out = Path(cfg.run.output_dir)
+    if rank == 0:
+        print(to_yaml(cfg), flush=True)
+        _write_text(out / "config.yaml", to_yaml(cfg))
+        write_model_json(model_spec(cfg.model), out)
+
+    model = build_classifier(cfg.model)
+    data_cfg = replace(cfg.data, img_size=cfg.model.img_size)
+    train_loader = build_loader(data_cfg, "train", rank=rank, world_size=world)
+    eval_loader = build_loader(data_cfg, "eval", rank=rank, world_size=world)
+    accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
+    steps_per_epoch = len(train_loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"one epoch has {len(train_loader)} batches per rank, fewer than the {accumulation} accumulation steps of "
+            "one optimizer step: raise data.samples_per_epoch or lower deepspeed.global_batch"
+        )
+    total_steps = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+
+    checkpoints: CheckpointManager = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
+    point = checkpoints.resume_point(world) if cfg.resume else None
+    if point is None:
+        _load_starting_weights(model, cfg, out, rank)
+    ema = build_ema(model, cfg)  # before DeepSpeed casts the model to bf16/fp16
+    if ema is not None:
+        checkpoints = EmaCheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank, ema)
+    engine = build_engine(model, cfg, world, steps_per_epoch, load_universal=bool(point and point.universal))
+    if ema is not None:
+        ema.module.to(engine.device)
+    client = checkpoints.load(engine, point) if point else {}
+    start_step, data_epoch = client.get("step", 0), client.get("data_epoch", 0)
+
+    tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
+                      cfg.run.log_every)
+    if point:
+        tracker.print(f"resumed from {checkpoints.dir / point.tag} at step {start_step}"
+                      + (" (universal checkpoint: world size changed)" if point.universal else ""))
+    dtype = DTYPES[cfg.deepspeed.precision]
+    mixup, criterion = build_mixup(cfg), build_criterion(cfg)
+    keeper = BestKeeper(out, rank, resumed=point is not None)
+    zero3 = cfg.deepspeed.zero_stage == 3
+    last: dict[str, Any] = {}
+
+    def compute_loss(batch: dict) -> torch.Tensor:
+        images = batch["image"].to(engine.device, non_blocking=True)
+        targets = batch["label"].to(engine.device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)  # soft targets (B, classes), smoothing included
+        logits = engine(images.to(dtype))
+        return criterion(logits.float(), targets)
+
+    def update_ema(step: int, batch: dict) -> None:
+        if ema is not None:
+            ema.update(engine.module, step=step)
+
+    def run_eval(epoch: float, step: int) -> None:
+        metrics = evaluate(engine.module, eval_loader, engine.device, dtype, lockstep=zero3)
+        entry = {"epoch": epoch, "step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
+        offers = [("model", metrics, lambda: full_state_dict(engine.module))]
+        if ema is not None:
+            ema_metrics = evaluate(ema.module, eval_loader, engine.device, torch.float32)
+            entry.update({f"eval_ema/{k}": v for k, v in ema_metrics.items()})
+            offers.append(("ema", ema_metrics, lambda: full_state_dict(ema.module)))
+        for which, m, weights in sorted(offers, key=lambda o: -o[1]["top1"]):  # the better of the two first
+            if keeper.offer(m["top1"], weights, {"weights": which, "epoch": epoch, "step": step, "top5": m["top5"],
+                                                 "loss": m["loss"], "count": m["count"]}):
+                break
+        entry["eval/best_top1"] = keeper.best_top1
+        keeper.record(entry)
+        last.clear()
+        last.update(entry)
+        if tracker.run is not None:
+            tracker.run.log({k: v for k, v in entry.items() if "/" in k}, step=step)
+        ema_text = f", EMA top-1 {entry['eval_ema/top1']:.2f}" if ema is not None else ""
+        tracker.print(f"eval epoch {epoch:g} step {step}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
+                      f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['images_per_s']:.0f}/s)"
+                      f"{ema_text}; best top-1 {keeper.best_top1:.2f}")
+
+    def on_epoch_end(data_epoch: int, step: int) -> None:
+        every = cfg.eval.every_epochs
+        if every and (data_epoch + 1) % every == 0:
+            run_eval(round(step / steps_per_epoch, 3), step)
+
+    def client_state(step: int, epoch: int) -> dict:
+        return {"step": step, "data_epoch": epoch, "wandb_id": tracker.run_id, "config": to_dict(cfg),
+                "data_seed": cfg.data.seed}
+
+    end = train_loop(
+        engine, train_loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
+        tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
+        client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=update_ema,
+        on_epoch_end=on_epoch_end,
+    )
+    if end.reason != "preempted" and end.step > start_step and last.get("step") != end.step:  # the final one
+        run_eval(round(end.step / steps_per_epoch, 3), end.step)
+    tracker.print(f"stopped at step {end.step} ({end.reason}); best top-1 {keeper.best_top1:.2f} in "
+                  f"{out / 'best.safetensors'}; checkpoints in {checkpoints.dir}")
+    tracker.finish()
+    return FinetuneResult(end, dict(last) or None, keeper.best)
+
+
+def _load_starting_weights(model: nn.Module, cfg: FinetuneConfig, out: Path, rank: int) -> None:
+    """Load ``cfg.pretrained`` (every rank), print and save the load report (rank 0)."""
+    if not cfg.pretrained:
+        text = "no pretrained weights (pretrained=): training from scratch"
+    else:
+        report = load_pretrained(model, cfg.pretrained)
+        text = f"pretrained weights: {cfg.pretrained}\n{report}"
+    if rank == 0:
+        print(text, flush=True)
+        _write_text(out / "load_report.txt", text + "\n")
