@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = finetune(cfg)
-    except WeightsError as error:  # the pretrained weights: one sentence, not a traceback
+    except (ConfigError, WeightsError) as error:  # e.g. a global batch the world size cannot split; bad weights
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0 if result.end.reason in ("done", "max_steps", "preempted") else 1

@@ -61,10 +61,8 @@ def _write_config(cfg: PretrainConfig, out: Path) -> None:
 def pretrain(cfg: PretrainConfig) -> LoopEnd:
     """Run (or resume) SimMIM pretraining as configured; returns where the loop stopped."""
     rank, world = init_distributed()
-    try:  # needs the world size, so it is checked here rather than in load_config; still a config error (exit 2)
-        accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    # Needs the world size, so it is checked here rather than in load_config; still a ConfigError (exit 2).
+    accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
     _seed_everything(cfg.run.seed)  # same initial weights on every rank
     out = Path(cfg.run.output_dir)
     if rank == 0:

@@ -173,7 +173,7 @@ def test_deepspeed_config_is_derived_and_checked():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert not any(v == "auto" for v in _leaves(ds))
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(ConfigError, match="not a multiple"):
         accumulation_steps(2048, 48, 8)
     lrs = scaled_lrs(cfg)
     assert lrs["base_lr"] == pytest.approx(1e-4 * 2048 / 512)

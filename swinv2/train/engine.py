@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .optim import StepSchedule, param_groups
 
 
@@ -58,7 +59,7 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     """``global = micro x accumulation x world``; anything that does not divide is an error naming the fix."""
     per_step = micro_batch * world_size
     if global_batch % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"deepspeed.global_batch={global_batch} is not a multiple of data.batch_size x world size = "
             f"{micro_batch} x {world_size} = {per_step}: change deepspeed.global_batch or data.batch_size"
         )

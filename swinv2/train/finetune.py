@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data import build_loader
 from .checkpointing import CheckpointManager
-from .config import to_dict, to_yaml
+from .config import ConfigError, to_dict, to_yaml
 from .engine import accumulation_steps, build_engine, init_distributed
 from .evaluate import evaluate
 from .finetune_config import FinetuneConfig, mixup_enabled
@@ -106,7 +106,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"one epoch has {len(train_loader)} batches per rank, fewer than the {accumulation} accumulation steps of "
             "one optimizer step: raise data.samples_per_epoch or lower deepspeed.global_batch"
         )
