@@ -151,7 +151,7 @@ def train_loop(
                     raise FloatingPointError(
                         f"the loss became non-finite at step {step} (last value {loss_sum / loss_count:.4g} on rank "
                         f"{torch.distributed.get_rank() if torch.distributed.is_initialized() else 0}): lower "
-                        "optim.base_lr, raise optim.clip_grad's strictness, or use bf16; the last checkpoint is intact"
+                        "optim.base_lr or optim.clip_grad, or use bf16 instead of fp16; the last checkpoint is intact"
                     )
                 if step % log_every == 0 or step == stop_at or preempted:
                     elapsed = time.perf_counter() - window_start
