@@ -17,7 +17,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import swinv2  # noqa: E402
+from benchmarks.model_speed import peak_memory_mb, timed  # noqa: E402
 from simmim import MaskGenerator, SimMIM  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
 from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
@@ -61,24 +61,6 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     for _ in range(5):
         best = min(best, timed(lambda: a @ b, device))
     return 2 * n**3 / best / 1e12
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

@@ -6,28 +6,24 @@ reach it.
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import swinv2
 from swinv2.data import build_loader
 from swinv2.train.checkpointing import CheckpointManager
-from swinv2.train.config import ConfigError, PretrainConfig, to_dict, to_yaml
+from swinv2.train.config import PretrainConfig, to_dict
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed
 from swinv2.train.loop import LoopEnd, train_loop
+from swinv2.train.run import DTYPES, announce_config, resumed_message, seed_everything, steps_per_epoch
 from swinv2.train.tracking import Tracker
 
 from .masking import MaskGenerator
 from .model import SimMIM
 from .transforms import PretrainTransform
 from .visualize import reconstruction_grid
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_simmim(cfg: PretrainConfig) -> SimMIM:
@@ -45,53 +41,32 @@ def build_simmim(cfg: PretrainConfig) -> SimMIM:
     return SimMIM(encoder, norm_target_patch_size=cfg.simmim.norm_target_patch_size or None)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _write_config(cfg: PretrainConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, out / "config.yaml")
-
-
 def pretrain(cfg: PretrainConfig) -> LoopEnd:
     """Run (or resume) SimMIM pretraining as configured; returns where the loop stopped."""
     rank, world = init_distributed()
     # Needs the world size, so it is checked here rather than in load_config; still a ConfigError (exit 2).
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
-    _seed_everything(cfg.run.seed)  # same initial weights on every rank
+    seed_everything(cfg.run.seed)
     out = Path(cfg.run.output_dir)
-    if rank == 0:
-        print(to_yaml(cfg), flush=True)
-        _write_config(cfg, out)
+    announce_config(cfg, out, rank)
 
     model = build_simmim(cfg)
     mask_generator = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, model.patch_size,
                                    cfg.simmim.mask_ratio)
     loader = build_loader(cfg.data, "pretrain", PretrainTransform(cfg.model.img_size, mask_generator), rank, world)
-    steps_per_epoch = len(loader) // accumulation
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"one epoch has {len(loader)} batches per rank, fewer than the {accumulation} accumulation steps of one "
-            "optimizer step: raise data.samples_per_epoch or lower deepspeed.global_batch"
-        )
-    total_steps = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+    epoch_steps = steps_per_epoch(len(loader), accumulation)
+    total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))
 
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
     point = checkpoints.resume_point(world) if cfg.resume else None
-    engine = build_engine(model, cfg, world, steps_per_epoch, load_universal=bool(point and point.universal))
+    engine = build_engine(model, cfg, world, epoch_steps, load_universal=bool(point and point.universal))
     client = checkpoints.load(engine, point) if point else {}
     start_step, data_epoch = client.get("step", 0), client.get("data_epoch", 0)
 
     tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
                       cfg.run.log_every)
     if point:
-        tracker.print(f"resumed from {checkpoints.dir / point.tag} at step {start_step}"
-                      + (" (universal checkpoint: world size changed)" if point.universal else ""))
+        tracker.print(resumed_message(checkpoints, point, start_step))
     dtype = DTYPES[cfg.deepspeed.precision]
 
     def compute_loss(batch: dict) -> torch.Tensor:

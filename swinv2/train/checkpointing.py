@@ -26,14 +26,10 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from .files import write_text_atomic
+
 MARKER = "complete.json"
 TAG = re.compile(r"^step(\d{8,})$")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _barrier() -> None:
@@ -121,8 +117,8 @@ class CheckpointManager:
         if self.rank == 0:
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             meta = {"step": step, "world_size": world, **{k: v for k, v in client_state.items() if k != "config"}}
-            _atomic_write(self.dir / tag / MARKER, json.dumps(meta, indent=1, default=str))
-            _atomic_write(self.dir / "latest", tag)
+            write_text_atomic(self.dir / tag / MARKER, json.dumps(meta, indent=1, default=str))
+            write_text_atomic(self.dir / "latest", tag)
             self._prune(keep=tag)
         _barrier()
         return self.dir / tag

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpointing import MARKER, TAG, CheckpointManager
+from .files import save_safetensors  # noqa: F401  (part of this module's API)
 
 
 def locate(path: str | os.PathLike) -> tuple[Path, str]:
@@ -51,18 +52,6 @@ def encoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     if not encoder:
         raise ValueError("the checkpoint has no encoder.* weights: it is not a SimMIM checkpoint")
     return encoder
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write ``state`` as safetensors via a temporary name and a rename (never half-written)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 def to_universal(path: str | os.PathLike) -> Path:

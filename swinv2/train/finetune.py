@@ -9,28 +9,25 @@ RandAugment and random erasing (the data stream), Mixup/CutMix with label smooth
 
 from __future__ import annotations
 
-import os
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..data import build_loader
 from .checkpointing import CheckpointManager
-from .config import ConfigError, to_dict, to_yaml
+from .config import to_dict
 from .engine import accumulation_steps, build_engine, init_distributed
 from .evaluate import evaluate
+from .files import write_text_atomic
 from .finetune_config import FinetuneConfig, mixup_enabled
 from .keep import BestKeeper, EmaCheckpointManager, full_state_dict
 from .loop import LoopEnd, train_loop
+from .run import DTYPES, announce_config, resumed_message, seed_everything, steps_per_epoch
 from .tracking import Tracker
 from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -73,30 +70,16 @@ def build_ema(model: nn.Module, cfg: FinetuneConfig) -> Any:
     return ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup, dtype=torch.float32)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) fine-tuning as configured."""
     resuming = cfg.resume and CheckpointManager(Path(cfg.run.output_dir) / "checkpoints", 0, 0).complete_tags()
     if cfg.pretrained and not resuming:
         check_exists(cfg.pretrained)  # before anything is written to the output directory
     rank, world = init_distributed()
-    _seed_everything(cfg.run.seed)  # same initial head on every rank
+    seed_everything(cfg.run.seed)  # same initial head on every rank
     out = Path(cfg.run.output_dir)
+    announce_config(cfg, out, rank)
     if rank == 0:
-        print(to_yaml(cfg), flush=True)
-        _write_text(out / "config.yaml", to_yaml(cfg))
         write_model_json(model_spec(cfg.model), out)
 
     model = build_classifier(cfg.model)
@@ -104,13 +87,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     train_loader = build_loader(data_cfg, "train", rank=rank, world_size=world)
     eval_loader = build_loader(data_cfg, "eval", rank=rank, world_size=world)
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
-    steps_per_epoch = len(train_loader) // accumulation
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"one epoch has {len(train_loader)} batches per rank, fewer than the {accumulation} accumulation steps of "
-            "one optimizer step: raise data.samples_per_epoch or lower deepspeed.global_batch"
-        )
-    total_steps = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+    epoch_steps = steps_per_epoch(len(train_loader), accumulation)
+    total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))
 
     checkpoints: CheckpointManager = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
     point = checkpoints.resume_point(world) if cfg.resume else None
@@ -119,7 +97,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     ema = build_ema(model, cfg)  # before DeepSpeed casts the model to bf16/fp16
     if ema is not None:
         checkpoints = EmaCheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank, ema)
-    engine = build_engine(model, cfg, world, steps_per_epoch, load_universal=bool(point and point.universal))
+    engine = build_engine(model, cfg, world, epoch_steps, load_universal=bool(point and point.universal))
     if ema is not None:
         ema.module.to(engine.device)
     client = checkpoints.load(engine, point) if point else {}
@@ -128,8 +106,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
                       cfg.run.log_every)
     if point:
-        tracker.print(f"resumed from {checkpoints.dir / point.tag} at step {start_step}"
-                      + (" (universal checkpoint: world size changed)" if point.universal else ""))
+        tracker.print(resumed_message(checkpoints, point, start_step))
     dtype = DTYPES[cfg.deepspeed.precision]
     mixup, criterion = build_mixup(cfg), build_criterion(cfg)
     keeper = BestKeeper(out, rank, resumed=point is not None)
@@ -174,7 +151,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     def on_epoch_end(data_epoch: int, step: int) -> None:
         every = cfg.eval.every_epochs
         if every and (data_epoch + 1) % every == 0:
-            run_eval(round(step / steps_per_epoch, 3), step)
+            run_eval(round(step / epoch_steps, 3), step)
 
     def client_state(step: int, epoch: int) -> dict:
         return {"step": step, "data_epoch": epoch, "wandb_id": tracker.run_id, "config": to_dict(cfg),
@@ -187,7 +164,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         on_epoch_end=on_epoch_end,
     )
     if end.reason != "preempted" and end.step > start_step and last.get("step") != end.step:  # the final one
-        run_eval(round(end.step / steps_per_epoch, 3), end.step)
+        run_eval(round(end.step / epoch_steps, 3), end.step)
     tracker.print(f"stopped at step {end.step} ({end.reason}); best top-1 {keeper.best_top1:.2f} in "
                   f"{out / 'best.safetensors'}; checkpoints in {checkpoints.dir}")
     tracker.finish()
@@ -203,4 +180,4 @@ def _load_starting_weights(model: nn.Module, cfg: FinetuneConfig, out: Path, ran
         text = f"pretrained weights: {cfg.pretrained}\n{report}"
     if rank == 0:
         print(text, flush=True)
-        _write_text(out / "load_report.txt", text + "\n")
+        write_text_atomic(out / "load_report.txt", text + "\n")

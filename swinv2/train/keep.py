@@ -20,23 +20,9 @@ import torch
 from torch import nn
 
 from .checkpointing import CheckpointManager, ResumePoint
+from .files import save_safetensors, write_text_atomic
 
 EMA_FILE = "ema.safetensors"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,7 +45,7 @@ class EmaCheckpointManager(CheckpointManager):
 
     def save(self, engine: Any, step: int, client_state: dict) -> Path:
         if self.rank == 0:  # before the checkpoint is marked complete, so a complete one always has its EMA
-            _atomic_safetensors(full_state_dict(self.ema.module), self.dir / f"step{step:08d}" / EMA_FILE)
+            save_safetensors(full_state_dict(self.ema.module), self.dir / f"step{step:08d}" / EMA_FILE)
         return super().save(engine, step, client_state)
 
     def load(self, engine: Any, point: ResumePoint) -> dict:
@@ -93,7 +79,7 @@ class BestKeeper:
         self.history.append(entry)
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_text(self.dir / "metrics.json", json.dumps(self.history, indent=1) + "\n")
+            write_text_atomic(self.dir / "metrics.json", json.dumps(self.history, indent=1) + "\n")
 
     def offer(self, top1: float, weights: Callable[[], dict[str, torch.Tensor]], info: dict) -> bool:
         """Keep these weights if ``top1`` beats the best so far. ``weights()`` runs on every rank (it may gather)."""
@@ -103,6 +89,6 @@ class BestKeeper:
         self.best = {"top1": top1, **info}
         if self.rank == 0:
             metadata = {k: str(v) for k, v in self.best.items()}
-            _atomic_safetensors(state, self.dir / "best.safetensors", metadata)
-            _atomic_text(self.dir / "best.json", json.dumps(self.best, indent=1) + "\n")
+            save_safetensors(state, self.dir / "best.safetensors", metadata)
+            write_text_atomic(self.dir / "best.json", json.dumps(self.best, indent=1) + "\n")
         return True

@@ -20,6 +20,7 @@ from swinv2.checkpoints import read_state_dict, to_our_layout
 from swinv2.variants import VARIANTS
 
 from .export import consolidated_state_dict, save_safetensors
+from .files import write_text_atomic
 from .weights import create_from_spec
 
 _TIMM_KEYS = ("img_size", "embed_dim", "depths", "num_heads", "window_size", "num_classes")
@@ -64,8 +65,6 @@ def export_timm(state: dict[str, torch.Tensor], spec: dict, out: str | os.PathLi
                          "model it was trained as (--model, --img-size, --window, --num-classes)")
     out = Path(out)
     weights = save_safetensors(swinv2.export_timm_state_dict(model), out / "timm_model.safetensors")
-    config = out / "timm_config.json"
-    tmp = config.with_name(f".{config.name}.tmp")
-    tmp.write_text(json.dumps({"model_name": spec["name"], "kwargs": timm_kwargs(spec)}, indent=1) + "\n")
-    os.replace(tmp, config)
+    config = write_text_atomic(out / "timm_config.json",
+                               json.dumps({"model_name": spec["name"], "kwargs": timm_kwargs(spec)}, indent=1) + "\n")
     return weights, config

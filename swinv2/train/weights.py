@@ -19,6 +19,7 @@ from torch import nn
 import swinv2
 
 from .export import consolidated_state_dict
+from .files import write_text_atomic
 
 MODEL_JSON = "model.json"
 # Options that shape the weights or the forward pass; training-only ones (drop path, activation checkpointing,
@@ -47,12 +48,7 @@ def build_classifier(m: Any) -> nn.Module:
 
 def write_model_json(spec: dict, folder: str | os.PathLike) -> Path:
     """``folder/model.json``, written via a temporary name and a rename."""
-    path = Path(folder) / MODEL_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MODEL_JSON}.tmp")
-    tmp.write_text(json.dumps(spec, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(folder) / MODEL_JSON, json.dumps(spec, indent=1) + "\n")
 
 
 def find_model_json(checkpoint: str | os.PathLike) -> Path | None:
