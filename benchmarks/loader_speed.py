@@ -1,9 +1,10 @@
 """Input pipeline speed for SimMIM at 192 px: our webdataset loader on re-encoded shards against a plain
 torchvision ImageFolder on the original files, with the same transforms, in one run.
 
-Both sides run the same per-image transform (RandomResizedCrop(192, scale 0.67-1, ratio 3/4-4/3), horizontal
-flip, ToTensor, ImageNet normalisation, and a random SimMIM mask: 32 px mask patches, ratio 0.6) in the same
-number of DataLoader worker processes. Ours reads tar shards re-encoded by ``make_shards --resize``; the
+Both sides run the same per-image transform, ``simmim.PretrainTransform`` (RandomResizedCrop(192, scale 0.67-1,
+ratio 3/4-4/3), horizontal flip, uint8 pixels, and a random SimMIM mask: 32 px mask patches, ratio 0.6; the
+ImageNet normalisation runs on the training device, outside the loader) in the same number of DataLoader
+worker processes. Ours reads tar shards re-encoded by ``make_shards --resize``; the
 baseline reads the original JPEGs (synthetic ImageNet-like photos, ~500x375, generated here). Rounds are
 interleaved (ours, baseline, ours, ...) and the median steady-state rate (from the first batch to the last)
 is kept, so background load hits both sides alike.
@@ -24,27 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets
-from torchvision import transforms as T
 
+from simmim import MaskGenerator, PretrainTransform
 from swinv2.data import DataConfig, build_loader, write_shards
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class SimMIMTransform:
-    """The SimMIM pretraining transform: augmented normalised image and a random patch mask (48x48 tokens)."""
-
-    def __init__(self, size: int = 192, mask_patch: int = 32, model_patch: int = 4, ratio: float = 0.6):
-        self.image = T.Compose([T.RandomResizedCrop(size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
-                                T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-        self.cells, self.scale = size // mask_patch, mask_patch // model_patch
-        self.masked = int(np.ceil(self.cells**2 * ratio))
-
-    def __call__(self, img: Image.Image):
-        mask = np.zeros(self.cells**2, dtype=np.int64)
-        mask[np.random.permutation(self.cells**2)[: self.masked]] = 1
-        mask = mask.reshape(self.cells, self.cells).repeat(self.scale, 0).repeat(self.scale, 1)
-        return self.image(img), torch.from_numpy(mask)
 
 
 def make_photos(folder: Path, count: int, long_side: int = 500, seed: int = 0) -> int:
@@ -88,7 +71,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    transform = SimMIMTransform()
+    transform = PretrainTransform(192, MaskGenerator(192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6))
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "photos"

@@ -6,7 +6,15 @@ from __future__ import annotations
 from .checkpoints import export_encoder, load_checkpoint
 from .masking import MaskGenerator
 from .model import SimMIM
-from .transforms import PretrainTransform
+from .transforms import PretrainTransform, normalize_images
 from .visualize import reconstruction_grid
 
-__all__ = ["MaskGenerator", "PretrainTransform", "SimMIM", "export_encoder", "load_checkpoint", "reconstruction_grid"]
+__all__ = [
+    "MaskGenerator",
+    "PretrainTransform",
+    "SimMIM",
+    "export_encoder",
+    "load_checkpoint",
+    "normalize_images",
+    "reconstruction_grid",
+]

@@ -22,7 +22,7 @@ from swinv2.train.tracking import Tracker
 
 from .masking import MaskGenerator
 from .model import SimMIM
-from .transforms import PretrainTransform
+from .transforms import PretrainTransform, normalize_images
 from .visualize import reconstruction_grid
 
 
@@ -70,7 +70,7 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     dtype = DTYPES[cfg.deepspeed.precision]
 
     def compute_loss(batch: dict) -> torch.Tensor:
-        images = batch["image"].to(engine.device, dtype, non_blocking=True)
+        images = normalize_images(batch["image"].to(engine.device, non_blocking=True), dtype)
         return engine(images, batch["mask"].to(engine.device, non_blocking=True))
 
     def images(step: int, batch: dict) -> None:
@@ -98,7 +98,7 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
 def save_reconstruction(engine: Any, batch: dict, dtype: torch.dtype, tracker: Tracker, step: int) -> None:
     """Reconstruct up to 8 images of ``batch`` (collective under ZeRO-3) and save the grid on rank 0."""
     model: SimMIM = engine.module
-    images = batch["image"][:8].to(engine.device, dtype)
+    images = normalize_images(batch["image"][:8].to(engine.device), dtype)
     mask = batch["mask"][:8].to(engine.device)
     was_training = model.training
     model.eval()

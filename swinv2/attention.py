@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from .attention_grad import WindowAttentionFunction
+from .linear import linear
 from .windows import Size2, log_spaced_coords_table, relative_position_index
 
 # A Python float, not a tensor: a CPU tensor built in forward breaks on GPU and under graph capture.
@@ -38,7 +40,7 @@ def attend(
     ``(nW*nH, N, N)`` bias broadcasts over the batch without being copied.
     """
     B, nW, nH, N, d = q.shape
-    if not fused or (torch.is_grad_enabled() and q.requires_grad):
+    if not fused or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))):
         # Explicit path, also for training: SDPA's math fallback (taken when the bias needs a gradient) costs
         # extra passes for scaling q and k and for expanding the mask.
         attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
@@ -88,6 +90,10 @@ class WindowAttention(nn.Module):
     def qkv_bias(self) -> torch.Tensor | None:
         return self.qkv.bias
 
+    def query_scale(self) -> torch.Tensor | float:
+        """V1: the float ``d ** -0.5``; V2: the ``(nH, 1, 1)`` tensor ``exp(min(logit_scale, log 100))``."""
+        raise NotImplementedError
+
     def scale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         raise NotImplementedError
 
@@ -104,14 +110,25 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x ``(B, nW, N, C)``; mask ``(nW, N, N)`` additive shift mask or None. Returns ``(B, nW, N, C)``."""
         B, nW, N, C = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
-        q, k, v = qkv.view(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        q, k, scale = self.scale_qk(q, k)  # each (B, nW, nH, N, d)
-        bias = self.position_bias().to(q.dtype)
+        return self.project(self.forward_heads(x, mask).transpose(2, 3).reshape(B, nW, N, C))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection (and its dropout), per token: any layout with channels last."""
+        return self.proj_drop(linear(x, self.proj.weight, self.proj.bias))
+
+    def forward_heads(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention before the output projection: x ``(B, nW, N, C)`` -> per-head ``(B, nW, nH, N, d)``."""
+        B, nW, N, C = x.shape
+        qkv = linear(x, self.qkv.weight, self.qkv_bias())
+        bias = self.position_bias().to(qkv.dtype)
         if mask is not None:
-            bias = mask.to(q.dtype).unsqueeze(1) + bias  # (nW, nH, N, N); mask first: contiguous result, no copy
+            bias = mask.to(qkv.dtype).unsqueeze(1) + bias  # (nW, nH, N, N); mask first: contiguous result, no copy
         dropout_p = self.attn_drop if self.training else 0.0
         step = self.chunk_size or nW
+        if self.fused and step >= nW and dropout_p == 0.0 and self._hand_written_backward(qkv, bias):
+            return WindowAttentionFunction.apply(qkv, bias, self.query_scale(), self.num_heads)
+        q, k, v = qkv.view(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        q, k, scale = self.scale_qk(q, k)  # each (B, nW, nH, N, d)
         chunks = [
             attend(
                 q[:, i : i + step],
@@ -124,9 +141,17 @@ class WindowAttention(nn.Module):
             )
             for i in range(0, nW, step)
         ]
-        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
-        out = out.transpose(2, 3).reshape(B, nW, N, C)
-        return self.proj_drop(self.proj(out))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+    def _hand_written_backward(self, qkv: torch.Tensor, bias: torch.Tensor) -> bool:
+        """Training on the CPU in plain precision: see :mod:`swinv2.attention_grad` for why and what it saves."""
+        return (
+            torch.is_grad_enabled()
+            and (qkv.requires_grad or bias.requires_grad)
+            and qkv.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        )
 
 
 class WindowAttentionV1(WindowAttention):
@@ -138,8 +163,11 @@ class WindowAttentionV1(WindowAttention):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def query_scale(self) -> float:
+        return self.head_dim**-0.5
+
     def scale_qk(self, q, k):
-        return q, k, self.head_dim**-0.5
+        return q, k, self.query_scale()
 
     def position_bias(self) -> torch.Tensor:
         return self.gather_bias(self.relative_position_bias_table)
@@ -188,10 +216,13 @@ class WindowAttentionV2(WindowAttention):
         # F.normalize's x / max(||x||, eps) with the logit scale folded into q's factor: one full pass per
         # tensor. The small factor goes first and contiguous so the product comes out in the (B, nW, nH, N, d)
         # layout that the attention matmuls read without another copy.
-        logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp().to(q.dtype)
+        logit_scale = self.query_scale().to(q.dtype)
         q_factor = (logit_scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(NORM_EPS)).contiguous()
         k_factor = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(NORM_EPS).reciprocal().contiguous()
         return q_factor * q, k_factor * k, 1.0
+
+    def query_scale(self) -> torch.Tensor:
+        return torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
 
     def _cpb(self) -> torch.Tensor:
         fc1, fc2 = self.cpb_mlp[0], self.cpb_mlp[2]

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2
+from .linear import Mlp, linear
+from .shifted_windows import shifted_merge, shifted_partition
 from .windows import Size2, clip_window, pad_to_window, shift_region_mask, to_2tuple, window_partition, window_reverse
 
 VERSIONS = ("v1", "v2")
@@ -66,8 +68,8 @@ class PatchMerging(nn.Module):
         # (B, H/2, dy, W/2, dx, C) -> neighbours ordered with the row offset first: (dx, dy)
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         if self.version == "v2":
-            return self.norm(self.reduction(x))
-        return self.reduction(self.norm(x))
+            return self.norm(linear(x, self.reduction.weight))
+        return linear(self.norm(x), self.reduction.weight)
 
 
 class SwinBlock(nn.Module):
@@ -105,7 +107,7 @@ class SwinBlock(nn.Module):
             self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, **common)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -126,12 +128,18 @@ class SwinBlock(nn.Module):
         B, H, W, C = x.shape
         x = pad_to_window(x, self.window)  # pad BEFORE the roll so the shift mask matches the rolled map
         Hp, Wp = x.shape[1:3]
-        if any(self.shift):
-            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window), self.shift_mask((Hp, Wp), x.device))
-        x = window_reverse(windows, self.window, (Hp, Wp))
-        if any(self.shift):
-            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        mask = self.shift_mask((Hp, Wp), x.device)
+        if torch.compiler.is_compiling():  # plain ops, which the compiler fuses by itself
+            if any(self.shift):
+                x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+            heads = self.attn.forward_heads(window_partition(x, self.window), mask)
+            x = window_reverse(heads.transpose(2, 3).flatten(3), self.window, (Hp, Wp))
+            if any(self.shift):
+                x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        else:  # roll + partition and merge + roll each in one pass
+            heads = self.attn.forward_heads(shifted_partition(x, self.window, self.shift), mask)
+            x = shifted_merge(heads, self.window, self.shift, (Hp, Wp), heads=True)
+        x = self.attn.project(x)  # per token, so after the merge
         if Hp != H or Wp != W:
             x = x[:, :H, :W].contiguous()
         return x

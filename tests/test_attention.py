@@ -40,29 +40,47 @@ def _outputs_and_grads(block, x):
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("shift", [(0, 0), (2, 2)])
-def test_fused_sdpa_path_matches_explicit_path(version, shift):
-    block = randomize_(SwinBlock(version, 16, 2, (4, 4), shift)).train()
-    x = torch.randn(2, 8, 12, 16)
+def test_fast_training_path_matches_explicit_autograd_path(version, shift):
+    """The hand-written backward (swinv2/attention_grad.py) and the one-pass shifted partition/merge against
+    autograd through the explicit ops, in float64 so that any formula slip shows far above rounding."""
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), shift)).train().double()
+    x = torch.randn(2, 8, 12, 16, dtype=torch.float64)
     fast = _outputs_and_grads(block, x)
     block.attn.fused = False
     slow = _outputs_and_grads(block, x)
-    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast[1], slow[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-10, atol=1e-12)
     for name in fast[2]:
-        torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[6]], ids=["v2", "v2-padded", "v2-rect", "v1"])
+def test_training_gradients_match_float64_reference(case):
+    """float32 training-mode gradients (input and every parameter) against autograd through the float64 loop."""
+    version, dim, heads, window, shift, pretrained, size = case
+    block = randomize_(SwinBlock(version, dim, heads, window, shift, pretrained_window=pretrained)).train()
+    x = torch.randn(2, *size, dim, requires_grad=True)
+    weights = torch.linspace(-1, 1, x.numel()).view_as(x)
+    params = [p for p in block.attn.parameters()]
+    got = torch.autograd.grad((block.window_attention(x) * weights).sum(), [x, *params])
+    want = torch.autograd.grad((reference_window_attention(block, x) * weights.double()).sum(), [x, *params])
+    names = ["input"] + [n for n, _ in block.attn.named_parameters()]
+    for name, g, w in zip(names, got, want, strict=True):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-4, atol=1e-5 * float(w.abs().max()), msg=name)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_chunked_attention_identical_outputs_and_grads(version):
-    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2))).train()
-    x = torch.randn(2, 12, 12, 16)  # 9 windows: chunks of 4, 4, 1
+    # float64: unchunked training takes the hand-written backward, chunks the explicit autograd path
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2))).train().double()
+    x = torch.randn(2, 12, 12, 16, dtype=torch.float64)  # 9 windows: chunks of 4, 4, 1
     whole = _outputs_and_grads(block, x)
     block.attn.chunk_size = 4
     chunked = _outputs_and_grads(block, x)
-    torch.testing.assert_close(whole[0], chunked[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole[0], chunked[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-10, atol=1e-12)
     for name in whole[2]:
-        torch.testing.assert_close(whole[2][name], chunked[2][name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(whole[2][name], chunked[2][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_cpb_cache_follows_weight_updates():

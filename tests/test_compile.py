@@ -26,7 +26,9 @@ def test_compile_fullgraph_inference_and_training(name):
     model.zero_grad()
     torch.nn.functional.cross_entropy(model(x), target).backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        # compiled: autograd through the plain ops; eager on the CPU: the hand-written attention backward. Both
+        # float32, each ~1e-5 of the largest gradient away from float64 with these deliberately rough weights.
+        torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-4, atol=5e-5 * float(p.grad.abs().max()), msg=n)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw
 from simmim_helpers import TINY, V2, masks, one_thread  # noqa: F401 (fixture)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
+from torchvision import transforms as T
 
 import simmim
 import swinv2
@@ -31,15 +32,26 @@ def drawn_image(i: int, size: int = 64) -> Image.Image:
 # ---------------------------------------------------------------- transform
 
 
-def test_pretrain_transform_normalises_and_draws_a_fresh_mask_per_sample():
+def test_pretrain_transform_gives_pixels_normalised_on_device_and_a_fresh_mask_per_sample():
     gen = simmim.MaskGenerator((64, 96), mask_patch_size=16, model_patch_size=4)
     transform = simmim.PretrainTransform((64, 96), gen)
     colour = (200, 30, 90)
     image, mask = transform(Image.new("RGB", (150, 120), colour))
-    assert image.shape == (3, 64, 96) and image.dtype == torch.float32
-    want = (np.array(colour) / 255 - MEAN) / STD  # a flat colour is the same after any crop or flip
+    assert image.shape == (3, 64, 96) and image.dtype == torch.uint8
+    for c in range(3):  # a flat colour is the same after any crop or flip
+        assert torch.equal(image[c], torch.full((64, 96), colour[c], dtype=torch.uint8))
+    normalised = simmim.normalize_images(image[None])
+    want = (np.array(colour) / 255 - MEAN) / STD  # float64 reference
+    assert normalised.dtype == torch.float32
     for c in range(3):
-        torch.testing.assert_close(image[c], torch.full((64, 96), want[c], dtype=torch.float32))
+        torch.testing.assert_close(normalised[0, c], torch.full((64, 96), want[c], dtype=torch.float32))
+    # the same float32 arithmetic as torchvision's ToTensor + Normalize in the workers: identical numbers
+    photo = drawn_image(1).resize((96, 64))
+    reference = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(T.ToTensor()(photo))
+    assert torch.equal(simmim.normalize_images(T.PILToTensor()(photo)[None])[0], reference)
+    assert simmim.normalize_images(image[None], torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
+        simmim.normalize_images(normalised)
     assert mask.shape == (16, 24) and mask.sum() == 15 * 16  # ceil(24 * 0.6) = 15 cells of 4x4 tokens
     draws = {tuple(transform(Image.new("RGB", (96, 64)))[1].flatten().tolist()) for _ in range(10)}
     assert len(draws) == 10
@@ -52,9 +64,10 @@ def test_pretrain_transform_crops_and_flips():
     crop = transform.transform.transforms[1]
     assert crop.size == (64, 64) and crop.scale == (0.67, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
     ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1)))  # brighter to the right
-    slopes = [torch.sign(x[0, :, -1] - x[0, :, 0]).mean().item() for x, _ in (transform(ramp) for _ in range(30))]
+    samples = [transform(ramp)[0].int() for _ in range(30)]  # int: uint8 differences would wrap around
+    slopes = [torch.sign(x[0, :, -1] - x[0, :, 0]).float().mean().item() for x in samples]
     assert {1.0, -1.0} == set(slopes)  # both orientations occur: the flip is random
-    widths = {round(float(x[0, 0, -1] - x[0, 0, 0]) * STD[0] * 255) for x, _ in (transform(ramp) for _ in range(10))}
+    widths = {int(x[0, 0, -1]) - int(x[0, 0, 0]) for x, _ in (transform(ramp) for _ in range(10))}
     assert len(widths) > 1 and all(160 <= abs(w) <= 256 for w in widths)  # crops of 67-100 % of the area
 
 
@@ -69,7 +82,7 @@ def test_collated_samples_feed_simmim():
     images, mask = default_collate([transform(drawn_image(i)) for i in range(3)])
     assert images.shape == (3, 3, 64, 64) and mask.shape == (3, 16, 16)
     model = simmim.SimMIM(swinv2.create_model(V2, **TINY))
-    assert torch.isfinite(model(images, mask))
+    assert torch.isfinite(model(simmim.normalize_images(images), mask))
 
 
 # ---------------------------------------------------------------- grid

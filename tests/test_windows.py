@@ -2,8 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
+from swinv2.shifted_windows import shifted_merge, shifted_partition
 from swinv2.windows import (
     clip_window,
     log_spaced_coords_table,
@@ -81,3 +83,31 @@ def test_clip_window_per_side():
     assert clip_window((6, 6), (12, 12), (6, 6)) == ((6, 6), (0, 0))
     assert clip_window((12, 16), (12, 12), (6, 6)) == ((12, 12), (0, 6))
     assert clip_window((48, 48), (12, 12), (6, 6)) == ((12, 12), (6, 6))
+
+
+@pytest.mark.parametrize(
+    "size,window,shift",
+    [
+        ((8, 8), (4, 4), (2, 2)),
+        ((16, 24), (8, 8), (4, 4)),
+        ((14, 14), (7, 7), (3, 3)),
+        ((8, 12), (4, 6), (0, 0)),
+        ((8, 8), (4, 4), (3, 1)),
+        ((6, 6), (6, 6), (0, 0)),
+    ],
+)
+def test_one_pass_shifted_partition_and_merge_equal_roll_and_partition(size, window, shift):
+    x = torch.randn(2, *size, 6, dtype=torch.float64, requires_grad=True)
+    want = window_partition(torch.roll(x, (-shift[0], -shift[1]), (1, 2)), window)
+    got = shifted_partition(x, window, shift)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(want)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+    assert torch.equal(shifted_merge(got, window, shift, size), x.detach())
+    # straight from the attention's per-head layout (B, nW, nH, N, d): the heads' transpose rides along
+    heads = got.detach().unflatten(3, (2, 3)).transpose(2, 3).contiguous().requires_grad_()
+    merged = shifted_merge(heads, window, shift, size, heads=True)
+    want = torch.roll(window_reverse(heads.transpose(2, 3).flatten(3), window, size), shift, (1, 2))
+    assert torch.equal(merged, want)
+    grad = torch.randn_like(want)
+    assert torch.equal(torch.autograd.grad(merged, heads, grad)[0], torch.autograd.grad(want, heads, grad)[0])

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from timm.data import create_transform
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
 
 from .config import DataConfig
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits: at full strength RandAugment's increasing posterize keeps 0 bits, which
+    Pillow 13 refuses (older Pillow returned a black image, as keeping no bits means; so does this)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform: Callable) -> Callable:
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):  # timm's RandAugment / AutoAugment
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
 def train_transform(cfg: DataConfig) -> Callable:
     """Fine-tuning augmentation: RandomResizedCrop, flip, RandAugment/colour jitter, normalise, random erasing."""
-    return create_transform(
+    transform = create_transform(
         cfg.img_size,
         is_training=True,
         scale=tuple(cfg.scale),
@@ -26,6 +45,7 @@ def train_transform(cfg: DataConfig) -> Callable:
         re_mode=cfg.re_mode,
         re_count=cfg.re_count,
     )
+    return _fix_posterize(transform)
 
 
 def eval_transform(cfg: DataConfig) -> Callable:

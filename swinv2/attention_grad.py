@@ -1,0 +1,109 @@
+"""Window attention from the qkv projection to the per-head outputs, with a hand-written backward (CPU training).
+
+Swin sec. 3.2 / Swin V2 sec. 3.2: per window and head, ``softmax(q' k'^T + B) v`` with ``q' = q / sqrt(d)`` and
+``k' = k`` (V1), or ``q' = s q / |q|`` and ``k' = k / |k|`` with the clamped, exponentiated logit scale ``s``
+(V2, scaled cosine attention). The bias B (position bias plus shift mask) is shared by the whole batch.
+
+Why not autograd: on the CPU the training step is bound by memory traffic, and autograd's backward of this chain
+makes many full passes (the normalisation's product and quotient rules separately, a stack of the q/k/v
+gradients and a copy back into the qkv layout) and asks the BLAS for ``q^T dS`` in ``(d, N)`` layout, a batched
+product several times slower than the same numbers computed as ``dS^T q`` in ``(N, d)`` layout. This backward
+writes the qkv gradient once, in place, and picks the fast layout for every product. SDPA's fused CPU kernels
+cannot replace it: they give no gradient for B, which V2 learns through its CPB MLP and V1 through its table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-12  # F.normalize's default
+
+
+def _normalise(t: torch.Tensor, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``factor * t / max(|t|, eps)`` (or ``factor * t`` when ``factor`` is a float), contiguous; and the norm."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # contiguous in t's logical layout
+    if isinstance(factor, float):
+        return torch.mul(t, factor, out=out), None
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    scale = norm.clamp_min(NORM_EPS).reciprocal()
+    return torch.mul(t, scale if factor is None else scale * factor, out=out), norm
+
+
+def _normalise_backward(
+    grad: torch.Tensor, normed: torch.Tensor, norm: torch.Tensor | None, factor: torch.Tensor | float | None, out
+) -> torch.Tensor | None:
+    """Writes d loss / d t into ``out`` (a strided view of the qkv gradient); returns the per-row ``sum(grad * normed)``
+    when the factor is a learned tensor (for its gradient).
+
+    With ``u = t / |t|`` and ``normed = f u``:
+    ``d/dt = (f / |t|) (g - u (u . g)) = (f / |t|) (g - normed (normed . g) / f^2)``;
+    below eps the norm is a constant and only the first term remains.
+    """
+    if norm is None:  # V1: a constant factor
+        torch.mul(grad, factor, out=out)
+        return None
+    f = 1.0 if factor is None else factor
+    dot = (grad * normed).sum(-1, keepdim=True)
+    coef = dot / (f * f) if factor is not None else dot
+    grad.addcmul_(normed, coef.masked_fill(norm < NORM_EPS, 0.0), value=-1.0)
+    torch.mul(grad, f / norm.clamp_min(NORM_EPS), out=out)
+    return dot if factor is not None else None
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """``qkv (B, nW, N, 3C)`` -> per-head outputs ``(B, nW, nH, N, d)`` of window attention.
+
+    ``bias`` broadcasts to ``(nW, nH, N, N)``. ``q_scale`` is a tensor for V2 (cosine attention; the clamped,
+    exponentiated logit scale, ``(nH, 1, 1)``) or a float for V1 (``d ** -0.5``). Saves the normalised q and k, v and
+    the attention probabilities (what autograd would keep) and the q/k norms.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, bias, q_scale, num_heads: int):
+        B, nW, N, C3 = qkv.shape
+        d = C3 // (3 * num_heads)
+        q, k, v = qkv.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        cosine = isinstance(q_scale, torch.Tensor)
+        qn, q_norm = _normalise(q, q_scale)
+        kn, k_norm = _normalise(k, None if cosine else 1.0)
+        v = v.contiguous()
+        G = B * nW * num_heads
+        logits = torch.bmm(qn.view(G, N, d), kn.view(G, N, d).transpose(1, 2))
+        logits.view(B, nW, num_heads, N, N).add_(bias)
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        out = torch.bmm(probs, v.view(G, N, d)).view(B, nW, num_heads, N, d)
+        ctx.save_for_backward(qn, kn, v, probs, q_norm, k_norm, q_scale if cosine else None)
+        ctx.q_scale = None if cosine else q_scale
+        ctx.bias_shape, ctx.qkv_shape = bias.shape, qkv.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        qn, kn, v, probs, q_norm, k_norm, logit_scale = ctx.saved_tensors
+        B, nW, nH, N, d = qn.shape
+        G = B * nW * nH
+        g = grad_out.reshape(G, N, d)
+        grad_v = torch.bmm(probs.transpose(1, 2), g)
+        grad_probs = torch.bmm(g, v.view(G, N, d).transpose(1, 2))
+        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_logits.view(B, nW, nH, N, N).sum_to_size(ctx.bias_shape)
+        grad_qn = torch.bmm(grad_logits, kn.view(G, N, d)).view(qn.shape)
+        grad_kn = torch.bmm(grad_logits.transpose(1, 2), qn.view(G, N, d)).view(kn.shape)  # (N, d): the fast layout
+        del grad_logits
+
+        grad_qkv = torch.empty(ctx.qkv_shape, dtype=grad_out.dtype, device=grad_out.device)
+        gq, gk, gv = grad_qkv.view(B, nW, N, 3, nH, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        cosine = logit_scale is not None
+        dot = _normalise_backward(grad_qn, qn, q_norm, logit_scale if cosine else ctx.q_scale, gq)
+        _normalise_backward(grad_kn, kn, k_norm, None if cosine else 1.0, gk)
+        gv.copy_(grad_v.view(B, nW, nH, N, d))
+        grad_scale = None
+        if cosine and ctx.needs_input_grad[2]:
+            # d qn / d s = u = qn / s, so d loss / d s = sum(grad . qn) / s per head
+            grad_scale = dot.sum(dim=(0, 1, 3)).view(nH, 1, 1) / logit_scale
+        return grad_qkv, grad_bias, grad_scale, None
