@@ -144,13 +144,23 @@ class SwinBlock(nn.Module):
             x = x[:, :H, :W].contiguous()
         return x
 
+    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path(branch)`` (stochastic depth, scaled by the keep probability as timm's ``DropPath``),
+        with the per-sample keep factor applied in the same pass as the sum."""
+        p = getattr(self.drop_path, "drop_prob", 0.0)
+        if not self.training or p == 0.0:
+            return x + branch
+        keep = 1.0 - p
+        factor = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch, factor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == "v2":
-            x = x + self.drop_path(self.norm1(self.window_attention(x)))
-            x = x + self.drop_path(self.norm2(self.mlp(x)))
+            x = self.residual(x, self.norm1(self.window_attention(x)))
+            x = self.residual(x, self.norm2(self.mlp(x)))
         else:
-            x = x + self.drop_path(self.window_attention(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self.residual(x, self.window_attention(self.norm1(x)))
+            x = self.residual(x, self.mlp(self.norm2(x)))
         if self.extra_norm is not None:
             x = self.extra_norm(x)
         return x

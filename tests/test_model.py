@@ -137,3 +137,21 @@ def test_derived_buffers_never_in_state_dict():
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))  # fills the mask caches
     assert not [k for k in model.state_dict() if any(b in k for b in ("index", "coords_table", "mask"))]
+
+
+def test_stochastic_depth_residual_equals_timms_drop_path():
+    from timm.layers import drop_path
+
+    block = swinv2.create_model("swinv2_tiny_window8_256", img_size=64, **{**TINY_V2, "drop_path_rate": 0.5})
+    block = block.layers[3].blocks[1]  # the deepest block: rate 0.5
+    x, branch = torch.randn(64, 2, 2, 8), torch.randn(64, 2, 2, 8)
+    block.train()
+    torch.manual_seed(0)
+    got = block.residual(x, branch)
+    torch.manual_seed(0)
+    want = x + drop_path(branch, 0.5, training=True)  # the same draws: one Bernoulli per sample
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    dropped = (got == x).flatten(1).all(1)
+    assert 10 < int(dropped.sum()) < 54  # about half of the 64 samples skip the branch
+    block.eval()
+    assert torch.equal(block.residual(x, branch), x + branch)

@@ -1,5 +1,7 @@
 """SimMIM pretraining transform, reconstruction grids and a small end-to-end learning run on drawn images."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from simmim_helpers import TINY, V2, masks, one_thread  # noqa: F401 (fixture)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 import simmim
 import swinv2
@@ -59,16 +62,34 @@ def test_pretrain_transform_gives_pixels_normalised_on_device_and_a_fresh_mask_p
     assert grey.shape == (3, 64, 96)
 
 
-def test_pretrain_transform_crops_and_flips():
+def test_pretrain_transform_is_torchvisions_random_resized_crop_and_flip():
     transform = simmim.PretrainTransform(64, simmim.MaskGenerator(64, 16, 4))
-    crop = transform.transform.transforms[1]
-    assert crop.size == (64, 64) and crop.scale == (0.67, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
-    ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1)))  # brighter to the right
-    samples = [transform(ramp)[0].int() for _ in range(30)]  # int: uint8 differences would wrap around
-    slopes = [torch.sign(x[0, :, -1] - x[0, :, 0]).float().mean().item() for x in samples]
-    assert {1.0, -1.0} == set(slopes)  # both orientations occur: the flip is random
-    widths = {int(x[0, 0, -1]) - int(x[0, 0, 0]) for x, _ in (transform(ramp) for _ in range(10))}
-    assert len(widths) > 1 and all(160 <= abs(w) <= 256 for w in widths)  # crops of 67-100 % of the area
+    photo = drawn_image(3, size=150).resize((150, 110))
+    flips = set()
+    for seed in range(20):  # the same draws give exactly torchvision's pixels for that box and flip
+        random.seed(seed)
+        box, flip = transform.crop_box(*photo.size), random.random() < 0.5
+        random.seed(seed)
+        image, _ = transform(photo)
+        want = TF.resized_crop(photo, *box, [64, 64], interpolation=T.InterpolationMode.BILINEAR)
+        assert torch.equal(image, TF.pil_to_tensor(TF.hflip(want) if flip else want))
+        flips.add(flip)
+    assert flips == {True, False}
+    # the boxes follow torchvision's RandomResizedCrop distribution: 67-100 % of the area, aspect 3/4-4/3
+    random.seed(0)
+    ours = [transform.crop_box(300, 200) for _ in range(3000)]
+    torch.manual_seed(0)
+    scale, ratio = [0.67, 1.0], [3 / 4, 4 / 3]
+    theirs = [T.RandomResizedCrop.get_params(torch.empty(3, 200, 300), scale, ratio) for _ in range(3000)]
+    for boxes in (ours, theirs):
+        assert all(0 <= top and top + h <= 200 and 0 <= left and left + w <= 300 for top, left, h, w in boxes)
+        assert all(0.66 <= h * w / 60000 <= 1.0 and 0.74 <= w / h <= 1.35 for _, _, h, w in boxes)
+    mean_area = [np.mean([h * w / 60000 for _, _, h, w in boxes]) for boxes in (ours, theirs)]
+    mean_aspect = [np.mean([np.log(w / h) for _, _, h, w in boxes]) for boxes in (ours, theirs)]
+    assert abs(mean_area[0] - mean_area[1]) < 0.01 and abs(mean_aspect[0] - mean_aspect[1]) < 0.02
+    # a picture too wide for any allowed crop falls back to torchvision's centre crop at the widest aspect
+    want = T.RandomResizedCrop.get_params(torch.empty(3, 100, 1000), scale, ratio)
+    assert transform.crop_box(1000, 100) == tuple(want) == (0, 433, 100, 133)
 
 
 def test_transform_and_mask_sizes_must_agree():
