@@ -11,6 +11,8 @@ layout. The results are the same tensors ``window_partition(torch.roll(x, -shift
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .windows import Size2
@@ -19,7 +21,8 @@ from .windows import Size2
 Piece = tuple[int, int, int, int, int]
 
 
-def axis_pieces(size: int, window: int, shift: int) -> list[Piece]:
+@lru_cache(maxsize=256)
+def axis_pieces(size: int, window: int, shift: int) -> tuple[Piece, ...]:
     """How the rows ``r`` of the map rolled by ``-shift`` (source row ``(r + shift) % size``) fall into windows.
 
     Consecutive whole windows with consecutive source rows are merged into one piece.
@@ -36,7 +39,7 @@ def axis_pieces(size: int, window: int, shift: int) -> list[Piece]:
                 pieces[-1] = (pi, pn + 1, 0, window, psrc)
                 continue
         pieces.append((i, 1, y0, y0 + end - start, src))
-    return pieces
+    return tuple(pieces)
 
 
 def _copy(map_: torch.Tensor, win: torch.Tensor, window: Size2, shift: Size2, to_windows: bool) -> None:
