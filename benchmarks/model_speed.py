@@ -1,8 +1,8 @@
 """Our Swin model against timm's same architecture with the same weights, in one run.
 
 Measures inference and training-step (forward + backward) throughput in images/s and peak memory, and
-reports our/timm ratios. Runs are interleaved (ours, timm, ours, timm, ...) and the median is kept, so
-background load hits both sides alike.
+reports our/timm ratios. Each round times both sides back to back (alternating which goes first); the ratio is
+the median of the per-round ratios, so background load hits both sides alike.
 
     python benchmarks/model_speed.py --model swinv2_tiny_window8_256 --batch 8            # CPU, fp32
     python benchmarks/model_speed.py --model swinv2_base_window12_192 --batch 64 --dtype bf16   # GPU
@@ -37,6 +37,21 @@ def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def paired_rounds(steps: dict, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], float]:
+    """Time each side once per round, alternating which goes first; returns the times and the median of the
+    per-round speed ratios (first side over second). Pairing cancels the slow drifts of a shared machine
+    (+-10 % here) that a ratio of two separate medians would keep."""
+    (a, step_a), (b, step_b) = steps.items()
+    times: dict[str, list[float]] = {a: [], b: []}
+    ratios = []
+    for i in range(repeats):
+        order = ((a, step_a), (b, step_b)) if i % 2 == 0 else ((b, step_b), (a, step_a))
+        for name, step in order:
+            times[name].append(timed(step, device))
+        ratios.append(times[b][-1] / times[a][-1])
+    return times, statistics.median(ratios)
 
 
 def main() -> None:
@@ -79,19 +94,18 @@ def main() -> None:
             step(model)
             step(model)
             peaks[name] = peak_memory_mb(device)
-        for _ in range(args.repeats):
-            for name, model in (("ours", ours), ("timm", ref)):
-                times[name].append(timed(lambda m=model, f=step: f(m), device))
+        sides = {"ours": lambda f=step: f(ours), "timm": lambda f=step: f(ref)}
+        times, ratio = paired_rounds(sides, args.repeats, device)
         speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
         results[mode] = {
             "ours_img_s": round(speed["ours"], 2),
             "timm_img_s": round(speed["timm"], 2),
-            "speed_ratio": round(speed["ours"] / speed["timm"], 3),
+            "speed_ratio": round(ratio, 3),
             "ours_peak_mb": round(peaks["ours"], 1),
             "timm_peak_mb": round(peaks["timm"], 1),
         }
         print(f"{mode:10s} ours {speed['ours']:8.2f} img/s  timm {speed['timm']:8.2f} img/s  "
-              f"ratio {speed['ours'] / speed['timm']:.3f}  peak MB ours {peaks['ours']:.0f} timm {peaks['timm']:.0f}")
+              f"ratio {ratio:.3f}  peak MB ours {peaks['ours']:.0f} timm {peaks['timm']:.0f}")
     meta = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "device": str(device),
             "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads()}
     print(json.dumps({**meta, **results}))

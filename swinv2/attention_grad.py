@@ -30,10 +30,15 @@ def _normalise(t: torch.Tensor, factor: torch.Tensor | float | None) -> tuple[to
 
 
 def _normalise_backward(
-    grad: torch.Tensor, normed: torch.Tensor, norm: torch.Tensor | None, factor: torch.Tensor | float | None, out
+    grad: torch.Tensor,
+    normed: torch.Tensor,
+    norm: torch.Tensor | None,
+    factor: torch.Tensor | float | None,
+    out: torch.Tensor,
+    scratch: torch.Tensor,
 ) -> torch.Tensor | None:
-    """Writes d loss / d t into ``out`` (a strided view of the qkv gradient); returns the per-row ``sum(grad * normed)``
-    when the factor is a learned tensor (for its gradient).
+    """Writes d loss / d t into ``out`` (a strided view of the qkv gradient), overwriting ``grad`` and ``scratch``;
+    returns the per-row ``sum(grad * normed)`` when the factor is a learned tensor (for its gradient).
 
     With ``u = t / |t|`` and ``normed = f u``:
     ``d/dt = (f / |t|) (g - u (u . g)) = (f / |t|) (g - normed (normed . g) / f^2)``;
@@ -43,11 +48,17 @@ def _normalise_backward(
         torch.mul(grad, factor, out=out)
         return None
     f = 1.0 if factor is None else factor
-    dot = (grad * normed).sum(-1, keepdim=True)
+    dot = torch.mul(grad, normed, out=scratch).sum(-1, keepdim=True)
     coef = dot / (f * f) if factor is not None else dot
     grad.addcmul_(normed, coef.masked_fill(norm < NORM_EPS, 0.0), value=-1.0)
     torch.mul(grad, f / norm.clamp_min(NORM_EPS), out=out)
     return dot if factor is not None else None
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place. Fresh buffers are not free on the CPU: a new 25 MB tensor
+    (the stage-1 attention maps at 256 px) costs thousands of page faults, more than the softmax itself."""
+    return torch.ops.aten._softmax.out(x, -1, False, out=x)
 
 
 class WindowAttentionFunction(torch.autograd.Function):
@@ -68,10 +79,9 @@ class WindowAttentionFunction(torch.autograd.Function):
         kn, k_norm = _normalise(k, None if cosine else 1.0)
         v = v.contiguous()
         G = B * nW * num_heads
-        logits = torch.bmm(qn.view(G, N, d), kn.view(G, N, d).transpose(1, 2))
-        logits.view(B, nW, num_heads, N, N).add_(bias)
-        probs = torch.softmax(logits, dim=-1)
-        del logits
+        probs = torch.bmm(qn.view(G, N, d), kn.view(G, N, d).transpose(1, 2))  # the logits, turned into probs
+        probs.view(B, nW, num_heads, N, N).add_(bias)
+        _softmax_(probs)
         out = torch.bmm(probs, v.view(G, N, d)).view(B, nW, num_heads, N, d)
         ctx.save_for_backward(qn, kn, v, probs, q_norm, k_norm, q_scale if cosine else None)
         ctx.q_scale = None if cosine else q_scale
@@ -86,9 +96,8 @@ class WindowAttentionFunction(torch.autograd.Function):
         G = B * nW * nH
         g = grad_out.reshape(G, N, d)
         grad_v = torch.bmm(probs.transpose(1, 2), g)
-        grad_probs = torch.bmm(g, v.view(G, N, d).transpose(1, 2))
-        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs
+        grad_logits = torch.bmm(g, v.view(G, N, d).transpose(1, 2))  # d probs, turned into d logits in place
+        torch.ops.aten._softmax_backward_data.out(grad_logits, probs, -1, probs.dtype, grad_input=grad_logits)
         grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_bias = grad_logits.view(B, nW, nH, N, N).sum_to_size(ctx.bias_shape)
@@ -98,10 +107,11 @@ class WindowAttentionFunction(torch.autograd.Function):
 
         grad_qkv = torch.empty(ctx.qkv_shape, dtype=grad_out.dtype, device=grad_out.device)
         gq, gk, gv = grad_qkv.view(B, nW, N, 3, nH, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        cosine = logit_scale is not None
-        dot = _normalise_backward(grad_qn, qn, q_norm, logit_scale if cosine else ctx.q_scale, gq)
-        _normalise_backward(grad_kn, kn, k_norm, None if cosine else 1.0, gk)
         gv.copy_(grad_v.view(B, nW, nH, N, d))
+        scratch = grad_v.view(B, nW, nH, N, d)  # free again: the normalisation backward's products go here
+        cosine = logit_scale is not None
+        dot = _normalise_backward(grad_qn, qn, q_norm, logit_scale if cosine else ctx.q_scale, gq, scratch)
+        _normalise_backward(grad_kn, kn, k_norm, None if cosine else 1.0, gk, scratch)
         grad_scale = None
         if cosine and ctx.needs_input_grad[2]:
             # d qn / d s = u = qn / s, so d loss / d s = sum(grad . qn) / s per head

@@ -41,23 +41,49 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-# Below about a million outputs addmm's extra pass is cheap and oneDNN's per-call set-up is not (measured on CPU).
+# Below about a million outputs addmm's extra pass is cheap and oneDNN's per-call set-up (and, in training, a
+# Python autograd node) is not: measured on the CPU.
 MIN_OUTPUTS = 1 << 20
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Forward through oneDNN; backward is the usual pair of matmuls (and a sum for the bias)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad2d.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad2d.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu``.
 
-    Without autograd (inference) on the CPU in float32 this runs oneDNN's linear: always with the GELU fused,
-    and for plain linears of at least ``MIN_OUTPUTS`` outputs. Training keeps autograd's linear: a custom
-    backward around oneDNN's forward measured no faster, and slower for small layers.
+    On the CPU in float32 this runs oneDNN's linear for layers of at least ``MIN_OUTPUTS`` outputs, and at
+    inference also for every GELU layer, with the GELU fused. In training the GELU stays separate: its backward
+    needs the pre-activation.
     """
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if not training and _use_onednn(x, weight) and (gelu or x.numel() // x.shape[-1] * weight.shape[0] >= MIN_OUTPUTS):
+    if not _use_onednn(x, weight):
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if gelu else out
+    large = x.numel() // x.shape[-1] * weight.shape[0] >= MIN_OUTPUTS
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        out = _OneDNNLinear.apply(x, weight, bias) if large else F.linear(x, weight, bias)
+        return F.gelu(out) if gelu else out
+    if gelu or large:
         op, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the exact (erf) GELU, not tanh
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, op, [], algorithm)
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if gelu else out
+    return F.linear(x, weight, bias)
 
 
 class Mlp(nn.Module):

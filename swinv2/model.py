@@ -145,14 +145,17 @@ class SwinBlock(nn.Module):
         return x
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """``x + drop_path(branch)`` (stochastic depth, scaled by the keep probability as timm's ``DropPath``),
-        with the per-sample keep factor applied in the same pass as the sum."""
+        """``x + drop_path(branch)`` (stochastic depth, scaled by the keep probability as timm's ``DropPath``).
+
+        ``branch`` is a fresh output that no backward needs (LayerNorm and Linear save their inputs), so the sum
+        goes into it in place: on the CPU a new buffer per residual costs a page fault per 4 kB.
+        """
         p = getattr(self.drop_path, "drop_prob", 0.0)
         if not self.training or p == 0.0:
-            return x + branch
+            return branch.add_(x)
         keep = 1.0 - p
         factor = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
-        return torch.addcmul(x, branch, factor)
+        return branch.mul_(factor).add_(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == "v2":
