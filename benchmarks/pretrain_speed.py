@@ -85,7 +85,13 @@ def main() -> None:
     arch.update({k: getattr(m, k) for k in ("embed_dim", "depths", "num_heads") if getattr(m, k) is not None})
     if cfg.model.name.startswith("swin_"):
         arch["window_size"] = m.window_size or 6
-    timm_encoder = timm.create_model(cfg.model.name, **arch)
+    timm_name = cfg.model.name
+    if timm_name not in timm.list_models():  # e.g. swinv2_tiny_window12_192: timm's family with our shape
+        enc = ours.encoder
+        heads = [stage.blocks[0].attn.num_heads for stage in enc.layers]
+        arch.update(embed_dim=enc.embed_dim, depths=enc.depths, num_heads=tuple(heads))
+        timm_name = "swinv2_tiny_window8_256" if enc.version == "v2" else "swin_tiny_patch4_window7_224"
+    timm_encoder = timm.create_model(timm_name, **arch)
     timm_encoder.load_state_dict(swinv2.export_timm_state_dict(ours.encoder))
     if args.checkpoint_activations:
         timm_encoder.set_grad_checkpointing(True)
