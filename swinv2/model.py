@@ -148,14 +148,19 @@ class SwinBlock(nn.Module):
         """``x + drop_path(branch)`` (stochastic depth, scaled by the keep probability as timm's ``DropPath``).
 
         ``branch`` is a fresh output that no backward needs (LayerNorm and Linear save their inputs), so the sum
-        goes into it in place: on the CPU a new buffer per residual costs a page fault per 4 kB.
+        goes into it in place when that changes nothing (same dtype: under autocast a bf16 branch must not
+        demote a float32 residual stream): on the CPU a new buffer per residual costs a page fault per 4 kB.
         """
         p = getattr(self.drop_path, "drop_prob", 0.0)
-        if not self.training or p == 0.0:
-            return branch.add_(x)
-        keep = 1.0 - p
-        factor = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
-        return branch.mul_(factor).add_(x)
+        factor = None
+        if self.training and p > 0.0:
+            keep = 1.0 - p
+            factor = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        if branch.dtype != x.dtype:
+            return x + (branch if factor is None else branch * factor)
+        if factor is not None:
+            branch.mul_(factor)
+        return branch.add_(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == "v2":

@@ -155,3 +155,5 @@ def test_stochastic_depth_residual_equals_timms_drop_path():
     assert 10 < int(dropped.sum()) < 54  # about half of the 64 samples skip the branch
     block.eval()
     assert torch.equal(block.residual(x, branch.clone()), x + branch)
+    low = branch.bfloat16()  # an autocast branch: the float32 residual stream stays float32
+    assert block.residual(x, low).dtype == torch.float32 and torch.equal(block.residual(x, low), x + low)
