@@ -144,19 +144,21 @@ class SwinBlock(nn.Module):
             x = x[:, :H, :W].contiguous()
         return x
 
-    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, producer: nn.Module | None = None) -> torch.Tensor:
         """``x + drop_path(branch)`` (stochastic depth, scaled by the keep probability as timm's ``DropPath``).
 
         ``branch`` is a fresh output that no backward needs (LayerNorm and Linear save their inputs), so the sum
-        goes into it in place when that changes nothing (same dtype: under autocast a bf16 branch must not
-        demote a float32 residual stream): on the CPU a new buffer per residual costs a page fault per 4 kB.
+        goes into it in place when nobody else can see it (no forward hook on ``producer``, the module that
+        returned it) and the dtype is the same (under autocast a bf16 branch must not demote a float32 residual
+        stream): on the CPU a new buffer per residual costs a page fault per 4 kB.
         """
         p = getattr(self.drop_path, "drop_prob", 0.0)
         factor = None
         if self.training and p > 0.0:
             keep = 1.0 - p
             factor = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
-        if branch.dtype != x.dtype:
+        hooked = nn.modules.module._global_forward_hooks or (producer is not None and producer._forward_hooks)
+        if hooked or branch.dtype != x.dtype:
             return x + (branch if factor is None else branch * factor)
         if factor is not None:
             branch.mul_(factor)
@@ -164,11 +166,11 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == "v2":
-            x = self.residual(x, self.norm1(self.window_attention(x)))
-            x = self.residual(x, self.norm2(self.mlp(x)))
+            x = self.residual(x, self.norm1(self.window_attention(x)), self.norm1)
+            x = self.residual(x, self.norm2(self.mlp(x)), self.norm2)
         else:
             x = self.residual(x, self.window_attention(self.norm1(x)))
-            x = self.residual(x, self.mlp(self.norm2(x)))
+            x = self.residual(x, self.mlp(self.norm2(x)), self.mlp)
         if self.extra_norm is not None:
             x = self.extra_norm(x)
         return x

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +72,15 @@ def main() -> None:
     results = {}
     for run in args.runs.split(","):
         stage, micro_batch = (int(x) for x in run.split(":"))
-        cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", TINY + [
-            f"deepspeed.zero_stage={stage}", f"data.batch_size={micro_batch}", f"optim.clip_grad={args.clip}"])
+        overrides = [f"deepspeed.zero_stage={stage}", f"data.batch_size={micro_batch}", f"optim.clip_grad={args.clip}"]
+        if stage == 3:
+            # ZeRO-3 keeps parameters under 1e5 elements whole by default, which is every one of this tiny model;
+            # threshold 0 partitions them all, so the model's direct weight accesses (F.linear on qkv.weight, the
+            # hand-written attention) run against DeepSpeed's gather-on-access as they would for a large model.
+            extra = Path(tempfile.gettempdir()) / f"zero3_partition_all_{os.getpid()}.json"
+            extra.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+            overrides.append(f"deepspeed.extra_json={extra}")
+        cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", TINY + overrides)
         accumulation = accumulation_steps(GLOBAL_BATCH, micro_batch, world)
         torch.manual_seed(cfg.run.seed)  # same initial weights in every process and every run
         model = build_simmim(cfg)
@@ -79,6 +88,8 @@ def main() -> None:
         batches = fixed_batches(args.steps, cfg.model.img_size, masks)
         # The schedule spans exactly these steps (one "epoch"), so warmup and cosine decay both happen.
         engine = build_engine(model, cfg, world, steps_per_epoch=args.steps)
+        # ZeRO-3 outside a forward: each rank's parameters are empty placeholders for their partitions
+        all_partitioned = all(p.numel() == 0 for p in engine.module.parameters())
         per_rank = GLOBAL_BATCH // world
         losses, lrs, grad_norms = [], [], []
         for images, mask in batches:
@@ -97,7 +108,8 @@ def main() -> None:
             losses.append(mean.item() / world)
             grad_norms.append(float(engine.get_global_grad_norm()))  # before clipping, over all partitions
         results[f"zero{stage}_micro{micro_batch}"] = {"losses": losses, "lrs": lrs, "grad_norms": grad_norms,
-                                                      "world_size": world, "accumulation": accumulation}
+                                                      "world_size": world, "accumulation": accumulation,
+                                                      "all_partitioned": all_partitioned}
 
     if args.checkpoint:  # the last run's engine: a real (possibly ZeRO-3 partitioned) checkpoint + its live weights
         out = Path(args.checkpoint)

@@ -157,3 +157,15 @@ def test_stochastic_depth_residual_equals_timms_drop_path():
     assert torch.equal(block.residual(x, branch.clone()), x + branch)
     low = branch.bfloat16()  # an autocast branch: the float32 residual stream stays float32
     assert block.residual(x, low).dtype == torch.float32 and torch.equal(block.residual(x, low), x + low)
+
+
+def test_hooked_outputs_are_not_overwritten_by_the_in_place_residual():
+    model = randomize_(swinv2.create_model("swinv2_tiny_window8_256", img_size=64, **TINY_V2)).eval()
+    block = model.layers[0].blocks[0]
+    seen = []
+    handle = block.norm2.register_forward_hook(lambda module, args, out: seen.append((out, out.clone())))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    handle.remove()
+    (kept, copy), = seen
+    assert torch.equal(kept, copy)  # what the hook kept is still the norm's output, not the residual sum

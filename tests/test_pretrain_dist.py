@@ -45,6 +45,7 @@ def test_two_processes_zero2_and_zero3_follow_the_one_process_loss_curve(parity)
     for name, curve in two.items():
         assert curve["world_size"] == 2
         assert curve["accumulation"] == (2 if name.endswith("micro2") else 1)
+        assert curve["all_partitioned"] == name.startswith("zero3")  # ZeRO-3 really partitions every parameter
         # fp32 on both sides; only the order of the sums differs (all-reduce, partitions, accumulation).
         assert curve["losses"] == pytest.approx(losses, rel=1e-4), name
         assert curve["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4), name
