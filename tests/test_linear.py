@@ -30,6 +30,23 @@ def test_inference_linear_matches_float64_and_runs_onednn(gelu, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_training_linear_runs_onednn_forward_and_gives_float64_gradients(bias):
+    x = torch.randn(4, 256, 64, requires_grad=True)
+    w = (torch.randn(1024, 64) / 8).requires_grad_()
+    b = torch.randn(1024, requires_grad=True) if bias else None
+    out = linear(x, w, b, gelu=True)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_OneDNNLinearBackward"  # GELU's input: our node
+    weights = torch.randn_like(out)
+    params = [x, w] + ([b] if bias else [])
+    got = torch.autograd.grad((out * weights).sum(), params)
+    ref = [t.detach().double().requires_grad_() for t in params]
+    ref_out = F.gelu(F.linear(ref[0], ref[1], ref[2] if bias else None))
+    want = torch.autograd.grad((ref_out * weights.double()).sum(), ref)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
 def test_small_plain_linears_and_training_keep_f_linear():
     x, w, b = torch.randn(8, 16), torch.randn(32, 16), torch.randn(32)
     with torch.no_grad():
@@ -37,6 +54,7 @@ def test_small_plain_linears_and_training_keep_f_linear():
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear(x, w, b, gelu=True))  # fusing always pays
     xg = x.clone().requires_grad_()
     out = linear(xg, w, b, gelu=True)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "AddmmBackward0"  # autograd's own linear
     (grad,) = torch.autograd.grad(out.sum(), xg)
     ref = x.double().requires_grad_()
     (want,) = torch.autograd.grad(F.gelu(F.linear(ref, w.double(), b.double())).sum(), ref)
