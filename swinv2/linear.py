@@ -1,11 +1,13 @@
-"""Inference linears through oneDNN on the CPU: bias added in the matmul kernel, GELU fused into it.
+"""Linears through oneDNN on the CPU: bias added in the matmul kernel, GELU fused into it at inference.
 
 ``F.linear`` on the CPU runs ``addmm``, which first copies the bias into the output and then accumulates the
 product into it: one extra pass over the output, which for the MLP's 4x-wide hidden layer is as slow as the
 matmul's own write. oneDNN's linear adds the bias inside the kernel and can apply the exact (erf) GELU to each
 output tile while it is still in cache, sparing the separate GELU pass (together about 40 % of the MLP's
-first layer at 256 px). Both give the same numbers as ``F.linear`` + ``F.gelu``. Everywhere else (training,
-GPU, low precision, ``torch.compile``, DeepSpeed ZeRO-3's partitioned weights) this is plain ``F.linear``.
+first layer at 256 px). Both give the same numbers as ``F.linear`` + ``F.gelu``. Training uses the oneDNN
+forward (with autograd's usual backward) for large layers only, and keeps the GELU separate. Everywhere else
+(small layers, GPU, low precision, autocast, ``torch.compile``, DeepSpeed ZeRO-3's partitioned weights) this is
+plain ``F.linear``.
 """
 
 from __future__ import annotations
