@@ -17,7 +17,7 @@ from swinv2.train.checkpointing import CheckpointManager
 from swinv2.train.config import PretrainConfig, to_dict
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed
 from swinv2.train.loop import LoopEnd, train_loop
-from swinv2.train.run import DTYPES, announce_config, resumed_message, seed_everything, steps_per_epoch
+from swinv2.train.run import DTYPES, announce_config, resume_and_track, seed_everything, steps_per_epoch
 from swinv2.train.tracking import Tracker
 
 from .masking import MaskGenerator
@@ -60,13 +60,7 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
     point = checkpoints.resume_point(world) if cfg.resume else None
     engine = build_engine(model, cfg, world, epoch_steps, load_universal=bool(point and point.universal))
-    client = checkpoints.load(engine, point) if point else {}
-    start_step, data_epoch = client.get("step", 0), client.get("data_epoch", 0)
-
-    tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
-                      cfg.run.log_every)
-    if point:
-        tracker.print(resumed_message(checkpoints, point, start_step))
+    start_step, data_epoch, tracker = resume_and_track(engine, checkpoints, point, cfg, out, rank, total_steps)
     dtype = DTYPES[cfg.deepspeed.precision]
 
     def compute_loss(batch: dict) -> torch.Tensor:

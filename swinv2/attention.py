@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .attention_grad import WindowAttentionFunction
+from .attention_grad import NORM_EPS, WindowAttentionFunction
 from .linear import linear
 from .windows import Size2, log_spaced_coords_table, relative_position_index
 
 # A Python float, not a tensor: a CPU tensor built in forward breaks on GPU and under graph capture.
 MAX_LOGIT_SCALE = math.log(100.0)
-NORM_EPS = 1e-12  # F.normalize's default
 
 
 def attend(

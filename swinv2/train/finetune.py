@@ -25,8 +25,7 @@ from .files import write_text_atomic
 from .finetune_config import FinetuneConfig, mixup_enabled
 from .keep import BestKeeper, EmaCheckpointManager, full_state_dict
 from .loop import LoopEnd, train_loop
-from .run import DTYPES, announce_config, resumed_message, seed_everything, steps_per_epoch
-from .tracking import Tracker
+from .run import DTYPES, announce_config, resume_and_track, seed_everything, steps_per_epoch
 from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
 
 
@@ -100,13 +99,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     engine = build_engine(model, cfg, world, epoch_steps, load_universal=bool(point and point.universal))
     if ema is not None:
         ema.module.to(engine.device)
-    client = checkpoints.load(engine, point) if point else {}
-    start_step, data_epoch = client.get("step", 0), client.get("data_epoch", 0)
-
-    tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
-                      cfg.run.log_every)
-    if point:
-        tracker.print(resumed_message(checkpoints, point, start_step))
+    start_step, data_epoch, tracker = resume_and_track(engine, checkpoints, point, cfg, out, rank, total_steps)
     dtype = DTYPES[cfg.deepspeed.precision]
     mixup, criterion = build_mixup(cfg), build_criterion(cfg)
     keeper = BestKeeper(out, rank, resumed=point is not None)

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from .checkpointing import CheckpointManager, ResumePoint
-from .config import ConfigError, to_yaml
+from .config import ConfigError, to_dict, to_yaml
 from .files import write_text_atomic
+from .tracking import Tracker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -42,6 +43,19 @@ def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
     return steps
 
 
-def resumed_message(checkpoints: CheckpointManager, point: ResumePoint, start_step: int) -> str:
-    universal = " (universal checkpoint: world size changed)" if point.universal else ""
-    return f"resumed from {checkpoints.dir / point.tag} at step {start_step}{universal}"
+def resume_and_track(
+    engine: Any, checkpoints: CheckpointManager, point: ResumePoint | None, cfg: Any, out: Path, rank: int,
+    total_steps: int,
+) -> tuple[int, int, Tracker]:
+    """Load ``point`` into ``engine`` (if resuming) and start tracking at its step, continuing its wandb run.
+
+    Returns ``(start_step, data_epoch, tracker)``.
+    """
+    client = checkpoints.load(engine, point) if point else {}
+    start_step, data_epoch = client.get("step", 0), client.get("data_epoch", 0)
+    tracker = Tracker(cfg.wandb, out, to_dict(cfg), rank, total_steps, start_step, client.get("wandb_id"),
+                      cfg.run.log_every)
+    if point:
+        universal = " (universal checkpoint: world size changed)" if point.universal else ""
+        tracker.print(f"resumed from {checkpoints.dir / point.tag} at step {start_step}{universal}")
+    return start_step, data_epoch, tracker
