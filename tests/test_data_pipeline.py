@@ -161,3 +161,33 @@ def test_jpeg_draft_decodes_at_reduced_scale():
     Image.new("L", (50, 40), 7).save(grey, "PNG")
     assert decode_image(grey.getvalue()).mode == "RGB"
 
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["with-dataset.json", "without-dataset.json"])
+def test_a_truncated_shard_is_one_error_counting_the_samples_it_lost(tmp_path, indexed, caplog):
+    # Shards from the real writer (8 + 7 samples, sizes in dataset.json); the first one cut in the middle of a
+    # member, as an interrupted copy leaves it.
+    make_class_folder(tmp_path / "src")  # 3 classes x 5 images
+    out = tmp_path / "out"
+    write_shards(tmp_path / "src", str(out / "t-%06d.tar"), max_samples=8, progress=False)
+    first = out / "t-000000.tar"
+    data = first.read_bytes()
+    first.write_bytes(data[: len(data) // 2 + 100])
+    if not indexed:
+        (out / "dataset.json").unlink()
+    loader = build_loader(_cfg(num_workers=1), "eval", urls=str(out), rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="swinv2.data"):
+        keys = _keys(loader)
+    assert len(keys) == len(set(keys)) == loader.num_samples
+    delivered = loader.num_samples - 7  # the second shard is whole
+    assert 0 < delivered < 8, keys
+    assert len(loader.errors) == 1  # the cut is reported once, whatever webdataset stage saw it
+    message = loader.errors[0]
+    assert str(first) in message and f"unreadable after {delivered} samples" in message
+    if indexed:
+        # Exact: every one of the 15 samples is either delivered or counted as lost.
+        assert f"{8 - delivered} of its 8 lost" in message
+        assert loader.skipped == 8 - delivered and loader.num_samples + loader.skipped == 15
+    else:
+        assert "no dataset.json" in message and loader.skipped == 1
+    assert any(str(first) in r.getMessage() for r in caplog.records)

@@ -14,10 +14,11 @@ from .decode import decode_image
 from .demo import DemoData, demo_shards
 from .pipeline import ShardLoader, build_loader, resolve_rank
 from .shards import ShardSummary, write_shards
-from .urls import count_samples, expand_urls
+from .urls import DataError, count_samples, expand_urls
 
 __all__ = [
     "DataConfig",
+    "DataError",
     "DemoData",
     "ShardLoader",
     "ShardSummary",

@@ -6,7 +6,8 @@ early and hang the others in a collective. Each (seed, rank, worker, epoch) gets
 shuffle buffer order and augmentation RNG, so no two ranks or workers replay the same stream and a run is
 reproducible.
 
-The evaluation stream (``kind="eval"``) reads every shard once: shards go to ranks round-robin
+The evaluation streams (``kind="eval"``, labelled, and ``"heldout"``, images only, e.g. SimMIM's held-out
+reconstruction loss) read every shard once: shards go to ranks round-robin
 (``urls[rank::world_size]``) and then to that rank's workers (``[worker::num_workers]``), so each sample is
 seen exactly once across all ranks and workers; a rank or worker with no shard simply yields nothing.
 Ranks may therefore get different numbers of samples and batches: :attr:`ShardLoader.num_samples` says how
@@ -42,10 +43,11 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from .config import DataConfig
 from .decode import decode_image, image_bytes, label_of
 from .transforms import eval_transform, train_transform
-from .urls import count_samples, expand_urls
+from .urls import DataError, count_samples, expand_urls, shard_sizes
 
-Kind = Literal["pretrain", "train", "eval"]
-KINDS = ("pretrain", "train", "eval")
+Kind = Literal["pretrain", "train", "eval", "heldout"]
+KINDS = ("pretrain", "train", "eval", "heldout")
+ONCE = ("eval", "heldout")  # kinds that read every shard once (no resampling, no fixed length)
 log = logging.getLogger("swinv2.data")
 
 _MAX_ERRORS_PER_BATCH = 8  # error messages carried per batch (the count is always exact)
@@ -87,8 +89,9 @@ class _Tally:
         self.in_a_row = 0
         self.empty_shards_in_a_row = 0
 
-    def skip(self, where: str, exn: BaseException) -> bool:
-        self.pending += 1
+    def skip(self, where: str, exn: BaseException, count: int = 1) -> bool:
+        """Count ``count`` lost samples (one event for the guard against spinning on bad data)."""
+        self.pending += count
         self.in_a_row += 1
         message = f"{where}: {type(exn).__name__}: {exn}"[:300]
         if len(self.errors) < _MAX_ERRORS_PER_BATCH:
@@ -97,11 +100,6 @@ class _Tally:
             raise RuntimeError(f"{self.in_a_row} samples in a row could not be read (last: {message}); "
                                "check the shards, or raise data.max_consecutive_errors if this is expected.")
         return True  # webdataset handlers return True to go on with the next item
-
-    def handler(self, exn: BaseException) -> bool:
-        """Webdataset exception handler for shard-level failures (unreadable URL, broken tar)."""
-        where = next((a for a in reversed(exn.args) if isinstance(a, str)), "shard") if exn.args else "shard"
-        return self.skip(where, exn)
 
     def shard_opened(self) -> None:
         self.empty_shards_in_a_row += 1
@@ -131,6 +129,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.epoch = 0  # set by ShardLoader before each epoch; workers get a fresh copy per epoch
         self.min_side = math.ceil(cfg.draft_factor * cfg.img_size) if cfg.draft_factor else 0
+        self.shard_sizes = shard_sizes(urls)  # samples per shard (dataset.json), to count what a broken one lost
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -157,7 +156,7 @@ class ShardStream(IterableDataset):
                 return
             resampled = wds.ResampledShards(self.urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
             shards = self._opened(resampled, tally)
-        samples = self._seen(wds.tarfile_to_samples(handler=tally.handler)(shards), tally)
+        samples = self._samples(shards, tally)
         if limit is not None and self.cfg.shuffle_buffer > 0:
             # Shuffle raw bytes before decoding: cheap to hold, and nothing is decoded only to be dropped.
             buffer = self.cfg.shuffle_buffer
@@ -170,11 +169,25 @@ class ShardStream(IterableDataset):
             tally.shard_opened()
             yield shard
 
-    @staticmethod
-    def _seen(samples, tally: _Tally):
-        for sample in samples:
-            tally.raw_sample()
-            yield sample
+    def _samples(self, shards, tally: _Tally) -> Iterator[dict[str, Any]]:
+        """Raw samples of each shard in turn. A shard that fails (unreadable, or a tar cut short) is one error,
+        counted once as the samples it did not deliver when ``dataset.json`` says how many it holds, else as 1."""
+        for shard in shards:
+            url, seen = shard["url"], 0
+            try:
+                for sample in wds.tarfile_samples([dict(url=url)]):  # webdataset re-raises: we see each failure once
+                    seen += 1
+                    tally.raw_sample()
+                    yield sample
+            except Exception as exn:  # noqa: BLE001 - any unreadable shard is skipped and counted, never fatal
+                held = self.shard_sizes.get(url)
+                if held is None:
+                    tally.skip(f"{url}: shard unreadable after {seen} samples (how many it held is unknown: no "
+                               "dataset.json lists it)", exn)
+                else:
+                    lost = max(held - seen, 0)
+                    tally.skip(f"{url}: shard unreadable after {seen} samples, {lost} of its {held} lost", exn,
+                               count=max(lost, 1))
 
     def _decoded(self, samples, tally: _Tally) -> Iterator[dict[str, Any]]:
         for sample in samples:
@@ -182,7 +195,7 @@ class ShardStream(IterableDataset):
             try:
                 image = decode_image(image_bytes(sample), self.min_side)
                 item = {"key": key}
-                if self.kind != "pretrain":
+                if self.kind in ("train", "eval"):
                     item["label"] = label_of(sample)
                 out = self.transform(image)
                 if isinstance(out, (tuple, list)):  # SimMIM: (image, mask)
@@ -299,7 +312,8 @@ class ShardLoader:
 
 def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = None, rank: int | None = None,
                  world_size: int | None = None, urls: str | list[str] | None = None) -> ShardLoader:
-    """Build the loader for ``kind``: ``"pretrain"`` (SimMIM), ``"train"`` (fine-tuning) or ``"eval"``.
+    """Build the loader for ``kind``: ``"pretrain"`` (SimMIM), ``"train"`` (fine-tuning), ``"eval"`` or
+    ``"heldout"`` (unlabelled, every sample once, e.g. SimMIM's held-out loss; needs a transform).
 
     ``cfg`` is a :class:`DataConfig` (or a mapping / OmegaConf node of one). ``transform`` maps an RGB PIL image
     to a tensor, or to ``(image, mask)`` (SimMIM: ``simmim.PretrainTransform``); ``"pretrain"`` needs one,
@@ -311,18 +325,19 @@ def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = No
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     rank, world_size = resolve_rank(rank, world_size)
-    field = "eval_urls" if kind == "eval" else "train_urls"
+    field = "eval_urls" if kind in ONCE else "train_urls"
     spec = urls if urls is not None else getattr(cfg, field)
     if not spec:
-        raise ValueError(f"data.{field} is empty; set it to shards such as shards/train-{{000000..000099}}.tar, "
-                         f"a folder of shards, or demo:{'val' if kind == 'eval' else 'train'}.")
+        raise DataError(f"data.{field} is empty; set it to shards such as shards/train-{{000000..000099}}.tar, "
+                         f"a folder of shards, or demo:{'val' if kind in ONCE else 'train'}.")
     shard_urls = expand_urls(spec)
     if transform is None:
-        if kind == "pretrain":
-            raise ValueError("kind='pretrain' needs transform=simmim.PretrainTransform(img_size, mask_generator).")
+        if kind in ("pretrain", "heldout"):
+            raise ValueError(f"kind={kind!r} needs transform=simmim.PretrainTransform(...) (or simmim.HeldOutTransform "
+                             "for kind='heldout').")
         transform = train_transform(cfg) if kind == "train" else eval_transform(cfg)
 
-    if kind == "eval":
+    if kind in ONCE:
         batch_size = cfg.eval_batch_size or cfg.batch_size
         num_batches = None
         expected = count_samples(list(islice(shard_urls, rank, None, world_size)))
@@ -332,12 +347,12 @@ def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = No
         if per_rank == 0:
             total = count_samples(shard_urls)
             if total is None:
-                raise ValueError("data.samples_per_epoch is 0 but the data set size is unknown (no dataset.json "
+                raise DataError("data.samples_per_epoch is 0 but the data set size is unknown (no dataset.json "
                                  "lists these shards); set data.samples_per_epoch to the samples per rank per epoch.")
             per_rank = total // world_size
         num_batches = per_rank // batch_size
         if num_batches == 0:
-            raise ValueError(f"an epoch of {per_rank} samples per rank is less than one batch of {batch_size}; "
+            raise DataError(f"an epoch of {per_rank} samples per rank is less than one batch of {batch_size}; "
                              "raise data.samples_per_epoch or lower data.batch_size.")
 
     stream = ShardStream(shard_urls, kind, cfg, transform, rank, world_size, batch_size, num_batches)

@@ -28,6 +28,14 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _REMOTE = ("http://", "https://", "pipe:")
 
 
+class DataError(ValueError):
+    """Data settings that cannot work (no shards, an empty folder, an unknown scheme), in one sentence."""
+
+
+class MissingShardsError(DataError, FileNotFoundError):
+    """Local shards that are not there (also a ``FileNotFoundError``)."""
+
+
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Expand ``spec`` (see the module docstring) into a non-empty list of URLs webdataset can open.
 
@@ -37,7 +45,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     parts = spec.split("::") if isinstance(spec, str) else list(spec)
     parts = [p.strip() for p in parts if p and p.strip()]
     if not parts:
-        raise ValueError("no shard URLs were given; set them to a pattern such as shards/train-{000000..000099}.tar, "
+        raise DataError("no shard URLs were given; set them to a pattern such as shards/train-{000000..000099}.tar, "
                          "a folder of .tar shards, or demo:train.")
     urls: list[str] = []
     for part in parts:
@@ -52,7 +60,7 @@ def _expand_one(pattern: str) -> list[str]:
         split = pattern[len("demo:"):]
         data = demo_shards()
         if split not in ("train", "val"):
-            raise ValueError(f"unknown demo split in {pattern!r}; use demo:train or demo:val.")
+            raise DataError(f"unknown demo split in {pattern!r}; use demo:train or demo:val.")
         return list(data.train_urls if split == "train" else data.val_urls)
     if pattern.startswith(_REMOTE):
         return list(braceexpand.braceexpand(pattern))
@@ -62,7 +70,7 @@ def _expand_one(pattern: str) -> list[str]:
         return [f"pipe:gsutil cat {shlex.quote(u)}" for u in braceexpand.braceexpand(pattern)]
     if "://" in pattern and not pattern.startswith("file://"):
         scheme = pattern.split("://", 1)[0]
-        raise ValueError(f"shard URL scheme {scheme!r} in {pattern!r} is not supported; use a local path, "
+        raise DataError(f"shard URL scheme {scheme!r} in {pattern!r} is not supported; use a local path, "
                          "s3://, gs://, http(s):// or a pipe: command that writes the tar to stdout.")
     return _expand_local(pattern.removeprefix("file://"), pattern)
 
@@ -72,7 +80,7 @@ def _expand_local(path: str, pattern: str) -> list[str]:
     if os.path.isdir(path):
         found = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
         if not found:
-            raise FileNotFoundError(f"folder {pattern!r} holds no .tar shards; write some with "
+            raise MissingShardsError(f"folder {pattern!r} holds no .tar shards; write some with "
                                     "launch/make_shards.py or point at the folder that has them.")
         return found
     urls: list[str] = []
@@ -89,7 +97,7 @@ def _expand_local(path: str, pattern: str) -> list[str]:
             missing.append(item)
     if missing:
         what = f"shard {missing[0]!r}" if len(missing) == 1 else f"{len(missing)} shards (first: {missing[0]!r})"
-        raise FileNotFoundError(f"{what} from {pattern!r} not found; check the path and the brace range "
+        raise MissingShardsError(f"{what} from {pattern!r} not found; check the path and the brace range "
                                 "or write the shards with launch/make_shards.py.")
     return urls
 
@@ -99,18 +107,25 @@ def count_samples(urls: Sequence[str]) -> int | None:
 
     ``None`` when any URL is remote or is not listed in a ``dataset.json`` (written by ``make_shards.py``).
     """
+    sizes = shard_sizes(urls)
+    if any(url not in sizes for url in urls):
+        return None
+    return sum(sizes[url] for url in urls)
+
+
+def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """``{url: samples}`` for the local shards among ``urls`` that a ``dataset.json`` beside them lists."""
     cache: dict[str, dict[str, int]] = {}
-    total = 0
+    sizes = {}
     for url in urls:
         if url.startswith(_REMOTE) or "://" in url:
-            return None
+            continue
         folder, name = os.path.split(os.path.abspath(url))
         if folder not in cache:
             cache[folder] = _shard_counts(Path(folder) / "dataset.json")
-        if name not in cache[folder]:
-            return None
-        total += cache[folder][name]
-    return total
+        if name in cache[folder]:
+            sizes[url] = cache[folder][name]
+    return sizes
 
 
 def _shard_counts(index: Path) -> dict[str, int]:
