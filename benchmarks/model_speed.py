@@ -4,6 +4,11 @@ Measures inference and training-step (forward + backward) throughput in images/s
 reports our/timm ratios. Each round times both sides back to back (alternating which goes first); the ratio is
 the median of the per-round ratios, so background load hits both sides alike.
 
+Then our training step on each attention path: SDPA (the default; on the CPU its unfused math kernel), the
+explicit reference (``fused_attn=False``) and, on the CPU, the hand-written CPU kernel (the CPU default).
+For each: the median step time and the memory the step keeps for its backward (the bytes of every tensor
+autograd saves, counted once per storage; on a GPU also the peak allocated memory).
+
     python benchmarks/model_speed.py --model swinv2_tiny_window8_256 --batch 8            # CPU, fp32
     python benchmarks/model_speed.py --model swinv2_base_window12_192 --batch 64 --dtype bf16   # GPU
 """
@@ -19,6 +24,7 @@ import timm
 import torch
 
 import swinv2
+from swinv2.attention import WindowAttention
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -37,6 +43,29 @@ def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def saved_for_backward_mb(step) -> float:
+    """MiB of the tensors autograd saves during ``step()`` (each storage once): the activation memory of a
+    training step, the same count on any device."""
+    storages: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values()) / 2**20
+
+
+def set_attention_path(model: torch.nn.Module, path: str) -> None:
+    """``sdpa``, ``explicit`` or ``cpu_kernel`` on every window attention of ``model``."""
+    for module in model.modules():
+        if isinstance(module, WindowAttention):
+            module.fused = path != "explicit"
+            module.cpu_kernels = path == "cpu_kernel"
 
 
 def paired_rounds(steps: dict, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], float]:
@@ -58,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="swinv2_tiny_window8_256")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per side and mode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this file")
@@ -70,7 +99,8 @@ def main() -> None:
     ref.load_state_dict(swinv2.export_timm_state_dict(ours))
     x = torch.randn(args.batch, 3, *ours.img_size, device=device)
     target = torch.randint(0, ours.num_classes, (args.batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    autocast = torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None)
 
     def infer(model):
         model.eval()
@@ -106,6 +136,23 @@ def main() -> None:
         }
         print(f"{mode:10s} ours {speed['ours']:8.2f} img/s  timm {speed['timm']:8.2f} img/s  "
               f"ratio {ratio:.3f}  peak MB ours {peaks['ours']:.0f} timm {peaks['timm']:.0f}")
+    paths = ["sdpa", "explicit"] + (["cpu_kernel"] if device.type == "cpu" else [])
+    results["attention_paths"] = {}
+    for path in paths:
+        set_attention_path(ours, path)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        kept = saved_for_backward_mb(lambda: train(ours))
+        row = {"saved_for_backward_mb": round(kept, 1)}
+        if device.type == "cuda":
+            row["peak_allocated_mb"] = round(peak_memory_mb(device), 1)
+        row["step_s"] = round(statistics.median(timed(lambda: train(ours), device) for _ in range(args.repeats)), 4)
+        results["attention_paths"][path] = row
+        print(f"train step, {path:10s} attention: kept for backward {kept:8.1f} MB  "
+              + (f"peak {row['peak_allocated_mb']:8.1f} MB  " if device.type == "cuda" else "")
+              + f"median {row['step_s']:.3f} s")
+    set_attention_path(ours, "cpu_kernel" if device.type == "cpu" else "sdpa")
     meta = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "device": str(device),
             "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads()}
     print(json.dumps({**meta, **results}))

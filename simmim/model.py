@@ -98,6 +98,19 @@ class SimMIM(nn.Module):
             nn.PixelShuffle(self.stride),
         )
 
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's no-decay parameters, the decoder's bias and the mask token (SimMIM, arXiv 2111.09886)."""
+        own = {name for name, p in self.named_parameters() if p.ndim <= 1 and not name.startswith("encoder.")}
+        return own | {"mask_token"} | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    def layer_ids(self) -> dict[str, int]:
+        """The encoder's layers; the mask token joins the patch embedding (layer 0), the decoder the last layer."""
+        last = self.encoder.num_layers - 1
+        ids = {name: last for name, _ in self.named_parameters()}
+        ids.update({f"encoder.{name}": layer for name, layer in self.encoder.layer_ids().items()})
+        ids["mask_token"] = 0
+        return ids
+
     def _check(self, images: torch.Tensor, mask: torch.Tensor) -> None:
         # Shape-only checks: static under torch.compile, so no graph breaks.
         if images.dim() != 4 or images.shape[1] != self.in_chans:

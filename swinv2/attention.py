@@ -1,9 +1,11 @@
 """Window multi-head self-attention: Swin V1 (relative bias table) and Swin V2 (scaled cosine + CPB).
 
 Swin V1: arXiv 2103.14030 sec. 3.2 ("relative position bias"). Swin V2: arXiv 2111.09883 sec. 3.2 (scaled cosine
-attention) and sec. 3.3 (log-spaced continuous position bias). The windows of a whole batch are attended in one
-``scaled_dot_product_attention`` call, or in sequential chunks of windows (V2 paper sec. 3.4, "sequential
-self-attention computation") to bound the memory of the attention maps.
+attention) and sec. 3.3 (log-spaced continuous position bias). The windows of a batch are attended by
+``scaled_dot_product_attention`` with the position bias (plus the shift mask) as its additive ``attn_mask``,
+for training too: on CUDA its memory-efficient kernel learns the bias without keeping the attention maps.
+Windows can be attended in sequential chunks (V2 paper sec. 3.4, "sequential self-attention computation") to
+bound the memory of the attention maps. ``fused=False`` runs the explicit reference path instead.
 """
 
 from __future__ import annotations
@@ -15,38 +17,32 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .attention_grad import NORM_EPS, WindowAttentionFunction
-from .linear import linear
+from .cpu_attention import NORM_EPS, WindowAttentionFunction, cpu_kernel_applies
 from .windows import Size2, log_spaced_coords_table, relative_position_index
 
 # A Python float, not a tensor: a CPU tensor built in forward breaks on GPU and under graph capture.
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-    fused: bool = True,
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """Softmax attention over windows: q, k, v ``(B, nW, nH, N, d)``; bias ``(nH, N, N)`` or ``(nW, nH, N, N)``.
+    """The reference: ``dropout(softmax(scale * q k^T + bias)) v``; q, k, v ``(B, nW, nH, N, d)``, bias
+    ``(nH, N, N)`` or ``(nW, nH, N, N)``. Keeps every ``(N, N)`` attention map for the backward."""
+    attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1) + bias
+    return F.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0) @ v
 
-    Returns ``(B, nW, nH, N, d)``. Training (or ``fused=False``) takes the explicit path; otherwise SDPA, with
-    windows folded into its head axis when the bias differs per window (shifted blocks), so the
-    ``(nW*nH, N, N)`` bias broadcasts over the batch without being copied.
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """The same function through ``scaled_dot_product_attention`` with ``bias`` as its additive ``attn_mask``.
+
+    A per-window bias (shifted blocks) folds the windows into SDPA's head axis, so the ``(nW*nH, N, N)`` bias
+    broadcasts over the batch without being copied; otherwise windows fold into the batch axis.
     """
     B, nW, nH, N, d = q.shape
-    if not fused or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))):
-        # Explicit path, also for training: SDPA's math fallback (taken when the bias needs a gradient) costs
-        # extra passes for scaling q and k and for expanding the mask.
-        attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
-        attn += bias  # in place: the matmul backward does not need its output
-        attn = F.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
-        return attn @ v
-    if bias.dim() == 4:  # per-window bias: windows become heads
+    if bias.dim() == 4:
         shape, mask = (B, nW * nH, N, d), bias.reshape(1, nW * nH, N, N)
     else:
         shape, mask = (B * nW, nH, N, d), bias.unsqueeze(0)
@@ -72,6 +68,7 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
         fused: bool = True,
         chunk_size: int | None = None,
+        cpu_kernels: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
@@ -79,21 +76,22 @@ class WindowAttention(nn.Module):
         self.dim, self.num_heads, self.window = dim, num_heads, window
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
-        self.fused = fused
-        self.chunk_size = chunk_size
+        self.fused, self.chunk_size, self.cpu_kernels = fused, chunk_size, cpu_kernels
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
-    def qkv_bias(self) -> torch.Tensor | None:
-        return self.qkv.bias
+    def add_qkv_bias(self, qkv: torch.Tensor) -> torch.Tensor:
+        """V2 adds its learned q and v biases to the projection; V1's bias is the qkv Linear's own."""
+        return qkv
 
     def query_scale(self) -> torch.Tensor | float:
         """V1: the float ``d ** -0.5``; V2: the ``(nH, 1, 1)`` tensor ``exp(min(logit_scale, log 100))``."""
         raise NotImplementedError
 
     def scale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """q and k as the attention logits take them, and the scale SDPA still has to apply."""
         raise NotImplementedError
 
     def position_bias(self) -> torch.Tensor:
@@ -107,50 +105,31 @@ class WindowAttention(nn.Module):
         return bias.view(N, N, self.num_heads).permute(2, 0, 1).contiguous()  # small; spares SDPA a strided mask
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x ``(B, nW, N, C)``; mask ``(nW, N, N)`` additive shift mask or None. Returns ``(B, nW, N, C)``."""
-        B, nW, N, C = x.shape
-        return self.project(self.forward_heads(x, mask).transpose(2, 3).reshape(B, nW, N, C))
+        """x ``(B, nW, N, C)`` windows of tokens; mask ``(nW, N, N)`` additive shift mask or None.
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The output projection (and its dropout), per token: any layout with channels last."""
-        return self.proj_drop(linear(x, self.proj.weight, self.proj.bias))
-
-    def forward_heads(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention before the output projection: x ``(B, nW, N, C)`` -> per-head ``(B, nW, nH, N, d)``."""
+        Returns ``(B, nW, N, C)``.
+        """
         B, nW, N, C = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv_bias())
+        qkv = self.add_qkv_bias(self.qkv(x))  # (B, nW, N, 3C)
         bias = self.position_bias().to(qkv.dtype)
         if mask is not None:
-            bias = mask.to(qkv.dtype).unsqueeze(1) + bias  # (nW, nH, N, N); mask first: contiguous result, no copy
+            bias = mask.to(qkv.dtype).unsqueeze(1) + bias  # (nW, nH, N, N); mask first: contiguous, no copy
         dropout_p = self.attn_drop if self.training else 0.0
         step = self.chunk_size or nW
-        if self.fused and step >= nW and dropout_p == 0.0 and self._hand_written_backward(qkv, bias):
-            return WindowAttentionFunction.apply(qkv, bias, self.query_scale(), self.num_heads)
-        q, k, v = qkv.view(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        q, k, scale = self.scale_qk(q, k)  # each (B, nW, nH, N, d)
-        chunks = [
-            attend(
-                q[:, i : i + step],
-                k[:, i : i + step],
-                v[:, i : i + step],
-                bias[i : i + step] if bias.dim() == 4 else bias,
-                scale,
-                dropout_p,
-                self.fused,
-            )
-            for i in range(0, nW, step)
-        ]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
-
-    def _hand_written_backward(self, qkv: torch.Tensor, bias: torch.Tensor) -> bool:
-        """Training on the CPU in plain precision: see :mod:`swinv2.attention_grad` for why and what it saves."""
-        return (
-            torch.is_grad_enabled()
-            and (qkv.requires_grad or bias.requires_grad)
-            and qkv.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        )
+        if self.cpu_kernels and self.fused and step >= nW and dropout_p == 0.0 and cpu_kernel_applies(qkv, bias):
+            heads = WindowAttentionFunction.apply(qkv, bias, self.query_scale(), self.num_heads)
+        else:
+            q, k, v = qkv.view(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            q, k, scale = self.scale_qk(q, k)  # each (B, nW, nH, N, d)
+            attend = sdpa_attention if self.fused else explicit_attention
+            chunks = [
+                attend(q[:, i : i + step], k[:, i : i + step], v[:, i : i + step],
+                       bias[i : i + step] if bias.dim() == 4 else bias, scale, dropout_p)
+                for i in range(0, nW, step)
+            ]
+            heads = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+        # (B, nW, nH, N, d) -> (B, nW, N, C)
+        return self.proj_drop(self.proj(heads.transpose(2, 3).reshape(B, nW, N, C)))
 
 
 class WindowAttentionV1(WindowAttention):
@@ -176,9 +155,8 @@ class WindowAttentionV2(WindowAttention):
     """Swin V2 attention (arXiv 2111.09883 sec. 3.2-3.3).
 
     ``cos(q, k) * exp(min(logit_scale, log 100)) + 16 * sigmoid(CPB)``; qkv has learned q and v biases and no
-    k bias. The CPB MLP maps a log-spaced relative coordinate table to per-head biases; it runs in at least
-    float32 (also under bf16 weights or autocast) and, when no gradient is needed, its result is cached
-    until the MLP's weights change.
+    k bias. The CPB MLP maps a log-spaced relative coordinate table to per-head biases; it runs outside autocast
+    (in float32 inside a bf16/fp16 autocast region, in the weights' dtype when the model itself was cast).
     """
 
     def __init__(
@@ -204,12 +182,11 @@ class WindowAttentionV2(WindowAttention):
         self.register_buffer(
             "relative_coords_table", log_spaced_coords_table(window, pretrained_window), persistent=False
         )
-        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
-    def qkv_bias(self) -> torch.Tensor | None:
+    def add_qkv_bias(self, qkv: torch.Tensor) -> torch.Tensor:
         if self.q_bias is None:
-            return None
-        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            return qkv
+        return qkv + torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)).to(qkv.dtype)
 
     def scale_qk(self, q, k):
         # F.normalize's x / max(||x||, eps) with the logit scale folded into q's factor: one full pass per
@@ -223,27 +200,8 @@ class WindowAttentionV2(WindowAttention):
     def query_scale(self) -> torch.Tensor:
         return torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
 
-    def _cpb(self) -> torch.Tensor:
-        fc1, fc2 = self.cpb_mlp[0], self.cpb_mlp[2]
-        dtype = torch.promote_types(fc1.weight.dtype, torch.float32)  # bf16/fp16 weights: float32 on purpose
-        with torch.autocast(self.relative_coords_table.device.type, enabled=False):
-            coords = self.relative_coords_table.to(dtype)
-            hidden = F.relu(F.linear(coords, fc1.weight.to(dtype), fc1.bias.to(dtype)))
-            table = F.linear(hidden, fc2.weight.to(dtype))
-        return 16.0 * torch.sigmoid(self.gather_bias(table))
-
     def position_bias(self) -> torch.Tensor:
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.cpb_mlp[0].weight.requires_grad):
-            return self._cpb()
-        params = (*self.cpb_mlp.parameters(), self.relative_coords_table)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            with torch.no_grad():
-                self._bias_cache = (key, self._cpb())
-        return self._bias_cache[1]
-
-    def train(self, mode: bool = True) -> WindowAttentionV2:
-        # Optimizers that write through ``.data`` (DeepSpeed's) leave the version counter of the cache key
-        # unchanged, so every train/eval switch (e.g. ``model.eval()`` before an evaluation) starts afresh.
-        self._bias_cache = None
-        return super().train(mode)
+        coords = self.relative_coords_table  # float32, or the dtype the whole model was cast to
+        with torch.autocast(coords.device.type, enabled=False):  # a bias of 16 * sigmoid(.) needs the precision
+            table = self.cpb_mlp(coords)
+        return 16.0 * torch.sigmoid(self.gather_bias(table))

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2
-from .linear import Mlp, linear
 from .shifted_windows import shifted_merge, shifted_partition
-from .windows import Size2, clip_window, pad_to_window, shift_region_mask, to_2tuple, window_partition, window_reverse
+from .windows import Size2, clip_window, pad_to_window, padded_size, shift_region_mask, to_2tuple
 
 VERSIONS = ("v1", "v2")
 
@@ -68,15 +67,17 @@ class PatchMerging(nn.Module):
         # (B, H/2, dy, W/2, dx, C) -> neighbours ordered with the row offset first: (dx, dy)
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         if self.version == "v2":
-            return self.norm(linear(x, self.reduction.weight))
-        return linear(self.norm(x), self.reduction.weight)
+            return self.norm(self.reduction(x))
+        return self.reduction(self.norm(x))
 
 
 class SwinBlock(nn.Module):
-    """One (shifted-)window transformer block.
+    """One (shifted-)window transformer block (Swin sec. 3.2, eq. 3).
 
     V1 is pre-norm (``x + attn(norm(x))``); V2 is residual post-norm (``x + norm(attn(x))``, Swin V2 sec. 3.1)
     with an optional extra LayerNorm on the main branch (Swin V2 sec. 3.1, used for SwinV2-H/G).
+    ``feature_size`` (the map this block sees at the model's nominal input size) lets the shift mask be built
+    once; other sizes build theirs on each forward.
     """
 
     def __init__(
@@ -95,10 +96,13 @@ class SwinBlock(nn.Module):
         extra_norm: bool = False,
         fused_attn: bool = True,
         attn_chunk_size: int | None = None,
+        cpu_kernels: bool = True,
+        feature_size: Size2 | None = None,
     ):
         super().__init__()
         self.version, self.window, self.shift = version, window, shift
-        common = dict(attn_drop=attn_drop, proj_drop=drop, fused=fused_attn, chunk_size=attn_chunk_size)
+        common = dict(attn_drop=attn_drop, proj_drop=drop, fused=fused_attn, chunk_size=attn_chunk_size,
+                      cpu_kernels=cpu_kernels)
         if version == "v2":
             self.attn = WindowAttentionV2(
                 dim, num_heads, window, qkv_bias, pretrained_window=pretrained_window, **common
@@ -107,70 +111,41 @@ class SwinBlock(nn.Module):
             self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, **common)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # stochastic depth, per branch
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self.mask_size = padded_size(feature_size, window) if feature_size is not None and any(shift) else None
+        mask = shift_region_mask(self.mask_size, window, shift) if self.mask_size is not None else None
+        self.register_buffer("attn_mask", mask, persistent=False)
 
     def shift_mask(self, size: Size2, device: torch.device) -> torch.Tensor | None:
-        """The ``(nW, N, N)`` shift mask for a padded feature size, built once per size and device."""
+        """The ``(nW, N, N)`` shift mask for a padded feature size (None for an unshifted block)."""
         if not any(self.shift):
             return None
-        if torch.compiler.is_compiling():
-            return shift_region_mask(size, self.window, self.shift, device)
-        key = (size, device)
-        if key not in self._masks:
-            self._masks[key] = shift_region_mask(size, self.window, self.shift, device)
-        return self._masks[key]
+        if self.attn_mask is not None and size == self.mask_size:
+            return self.attn_mask
+        return shift_region_mask(size, self.window, self.shift, device)
 
     def window_attention(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``: pad, cyclic shift, attend per window, undo both."""
         B, H, W, C = x.shape
         x = pad_to_window(x, self.window)  # pad BEFORE the roll so the shift mask matches the rolled map
         Hp, Wp = x.shape[1:3]
-        mask = self.shift_mask((Hp, Wp), x.device)
-        if torch.compiler.is_compiling():  # plain ops, which the compiler fuses by itself
-            if any(self.shift):
-                x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
-            heads = self.attn.forward_heads(window_partition(x, self.window), mask)
-            x = window_reverse(heads.transpose(2, 3).flatten(3), self.window, (Hp, Wp))
-            if any(self.shift):
-                x = torch.roll(x, shifts=self.shift, dims=(1, 2))
-        else:  # roll + partition and merge + roll each in one pass
-            heads = self.attn.forward_heads(shifted_partition(x, self.window, self.shift), mask)
-            x = shifted_merge(heads, self.window, self.shift, (Hp, Wp), heads=True)
-        x = self.attn.project(x)  # per token, so after the merge
+        windows = shifted_partition(x, self.window, self.shift)  # (B, nW, N, C)
+        windows = self.attn(windows, self.shift_mask((Hp, Wp), x.device))
+        x = shifted_merge(windows, self.window, self.shift, (Hp, Wp))  # (B, Hp, Wp, C)
         if Hp != H or Wp != W:
             x = x[:, :H, :W].contiguous()
         return x
 
-    def residual(self, x: torch.Tensor, branch: torch.Tensor, producer: nn.Module | None = None) -> torch.Tensor:
-        """``x + drop_path(branch)`` (stochastic depth, scaled by the keep probability as timm's ``DropPath``).
-
-        ``branch`` is a fresh output that no backward needs (LayerNorm and Linear save their inputs), so the sum
-        goes into it in place when nobody else can see it (no forward hook on ``producer``, the module that
-        returned it) and the dtype is the same (under autocast a bf16 branch must not demote a float32 residual
-        stream): on the CPU a new buffer per residual costs a page fault per 4 kB.
-        """
-        p = getattr(self.drop_path, "drop_prob", 0.0)
-        factor = None
-        if self.training and p > 0.0:
-            keep = 1.0 - p
-            factor = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
-        hooked = nn.modules.module._global_forward_hooks or (producer is not None and producer._forward_hooks)
-        if hooked or branch.dtype != x.dtype:
-            return x + (branch if factor is None else branch * factor)
-        if factor is not None:
-            branch.mul_(factor)
-        return branch.add_(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == "v2":
-            x = self.residual(x, self.norm1(self.window_attention(x)), self.norm1)
-            x = self.residual(x, self.norm2(self.mlp(x)), self.norm2)
+            x = x + self.drop_path1(self.norm1(self.window_attention(x)))
+            x = x + self.drop_path2(self.norm2(self.mlp(x)))
         else:
-            x = self.residual(x, self.window_attention(self.norm1(x)))
-            x = self.residual(x, self.mlp(self.norm2(x)), self.mlp)
+            x = x + self.drop_path1(self.window_attention(self.norm1(x)))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
         if self.extra_norm is not None:
             x = self.extra_norm(x)
         return x
@@ -215,7 +190,9 @@ class SwinTransformer(nn.Module):
     ``img_size`` fixes each stage's window and shift (a window is clipped to a smaller feature map, and then not
     shifted); other input sizes that are multiples of the patch size also run, padded to window multiples.
     ``pretrained_window_sizes`` (V2) makes the CPB see coordinates normalised by the pretraining window, for
-    fine-tuning at a larger window (Swin V2 sec. 3.3).
+    fine-tuning at a larger window (Swin V2 sec. 3.3). ``fused_attn=False`` runs the explicit attention reference
+    instead of ``scaled_dot_product_attention``; ``cpu_kernels=False`` keeps eager CPU training off the
+    hand-written attention kernel of :mod:`swinv2.cpu_attention` (same function, same values).
     """
 
     def __init__(
@@ -241,6 +218,7 @@ class SwinTransformer(nn.Module):
         attn_chunk_size: int | None = None,
         extra_norm_every: int = 0,
         fused_attn: bool = True,
+        cpu_kernels: bool = True,
     ):
         super().__init__()
         if version not in VERSIONS:
@@ -292,6 +270,8 @@ class SwinTransformer(nn.Module):
                     extra_norm=bool(extra_norm_every) and (j + 1) % extra_norm_every == 0,
                     fused_attn=fused_attn,
                     attn_chunk_size=attn_chunk_size,
+                    cpu_kernels=cpu_kernels,
+                    feature_size=size,
                 )
                 for j in range(depth)
             ]
@@ -321,6 +301,49 @@ class SwinTransformer(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that take no weight decay, found by module and shape, not by name patterns.
+
+        Biases and all 1-D parameters (norms, V2 q/v biases), V2 ``logit_scale`` and the whole CPB MLP, V1
+        relative position bias tables, the absolute position embedding: the lists of the authors' Swin and SimMIM
+        training code, applied to the parameters themselves (their name-keyword matching misses the CPB MLP and
+        ``logit_scale`` once SimMIM prefixes ``encoder.``).
+        """
+        exempt = {id(self.absolute_pos_embed)} if self.absolute_pos_embed is not None else set()
+        for module in self.modules():
+            if isinstance(module, WindowAttentionV2):
+                exempt.add(id(module.logit_scale))
+                exempt.update(id(p) for p in module.cpb_mlp.parameters())
+            elif isinstance(module, WindowAttentionV1):
+                exempt.add(id(module.relative_position_bias_table))
+        return {name for name, p in self.named_parameters() if p.ndim <= 1 or id(p) in exempt}
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise LR decay: the embedding, every block, and the final norm and head."""
+        return sum(self.depths) + 2
+
+    def layer_ids(self) -> dict[str, int]:
+        """Parameter name -> layer for layer-wise LR decay (BEiT, arXiv 2106.08254 sec. 3; SimMIM fine-tuning,
+        arXiv 2111.09886 sec. 4.1).
+
+        The patch embedding and absolute position embedding are layer 0; block j of stage s is
+        ``sum(depths[:s]) + j + 1``; stage s's patch merging shares the layer of its last block; the final norm
+        and head are the last layer, ``num_layers - 1``.
+        """
+        layer = {id(p): self.num_layers - 1 for p in self.parameters()}
+        layer.update({id(p): 0 for p in self.patch_embed.parameters()})
+        if self.absolute_pos_embed is not None:
+            layer[id(self.absolute_pos_embed)] = 0
+        start = 0
+        for stage in self.layers:
+            for j, block in enumerate(stage.blocks):
+                layer.update({id(p): start + j + 1 for p in block.parameters()})
+            start += len(stage.blocks)
+            if stage.downsample is not None:
+                layer.update({id(p): start for p in stage.downsample.parameters()})
+        return {name: layer[id(p)] for name, p in self.named_parameters()}
 
     def set_checkpoint_activations(self, enabled: bool = True) -> None:
         """Recompute each block in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""

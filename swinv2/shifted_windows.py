@@ -11,8 +11,6 @@ layout. The results are the same tensors ``window_partition(torch.roll(x, -shift
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from .windows import Size2
@@ -21,7 +19,6 @@ from .windows import Size2
 Piece = tuple[int, int, int, int, int]
 
 
-@lru_cache(maxsize=256)
 def axis_pieces(size: int, window: int, shift: int) -> tuple[Piece, ...]:
     """How the rows ``r`` of the map rolled by ``-shift`` (source row ``(r + shift) % size``) fall into windows.
 
@@ -60,35 +57,24 @@ def _copy(map_: torch.Tensor, win: torch.Tensor, window: Size2, shift: Size2, to
                 src.copy_(dst)
 
 
-def _window_view(win: torch.Tensor, grid: Size2, window: Size2, heads: bool) -> torch.Tensor:
-    """Windows as ``(B, nWh, wh, nWw, ww, *rest)``: from ``(B, nW, wh*ww, *rest)``, or with ``heads`` from the
-    attention's per-head layout ``(B, nW, nH, wh*ww, d)`` (then ``rest`` is ``(nH, d)``)."""
-    B = win.shape[0]
-    if heads:
-        nH, d = win.shape[2], win.shape[4]
-        return win.view(B, grid[0], grid[1], nH, window[0], window[1], d).permute(0, 1, 4, 2, 5, 3, 6)
-    return win.view(B, grid[0], grid[1], window[0], window[1], *win.shape[3:]).transpose(2, 3)
+def _window_view(win: torch.Tensor, grid: Size2, window: Size2) -> torch.Tensor:
+    """Windows ``(B, nW, wh*ww, *rest)`` viewed as ``(B, nWh, wh, nWw, ww, *rest)``."""
+    return win.view(win.shape[0], grid[0], grid[1], window[0], window[1], *win.shape[3:]).transpose(2, 3)
 
 
-def _partition(x: torch.Tensor, window: Size2, shift: Size2, heads: int = 0) -> torch.Tensor:
+def _partition(x: torch.Tensor, window: Size2, shift: Size2) -> torch.Tensor:
     B, H, W = x.shape[:3]
     grid, N = (H // window[0], W // window[1]), window[0] * window[1]
-    if heads:
-        x = x.unflatten(3, (heads, -1))
-        out = x.new_empty(B, grid[0] * grid[1], heads, N, x.shape[-1])
-    else:
-        out = x.new_empty(B, grid[0] * grid[1], N, *x.shape[3:])
-    _copy(x, _window_view(out, grid, window, bool(heads)), window, shift, to_windows=True)
+    out = x.new_empty(B, grid[0] * grid[1], N, *x.shape[3:])
+    _copy(x, _window_view(out, grid, window), window, shift, to_windows=True)
     return out
 
 
-def _merge(win: torch.Tensor, window: Size2, shift: Size2, size: Size2, heads: bool) -> torch.Tensor:
-    B = win.shape[0]
+def _merge(win: torch.Tensor, window: Size2, shift: Size2, size: Size2) -> torch.Tensor:
     grid = (size[0] // window[0], size[1] // window[1])
-    rest = (win.shape[2], win.shape[4]) if heads else win.shape[3:]
-    out = win.new_empty(B, size[0], size[1], *rest)
-    _copy(out, _window_view(win, grid, window, heads), window, shift, to_windows=False)
-    return out.flatten(3) if heads else out
+    out = win.new_empty(win.shape[0], size[0], size[1], *win.shape[3:])
+    _copy(out, _window_view(win, grid, window), window, shift, to_windows=False)
+    return out
 
 
 class _Partition(torch.autograd.Function):
@@ -99,18 +85,18 @@ class _Partition(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _merge(grad.contiguous(), ctx.window, ctx.shift, ctx.size, heads=False), None, None
+        return _merge(grad.contiguous(), ctx.window, ctx.shift, ctx.size), None, None
 
 
 class _Merge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, win, window, shift, size, heads):
-        ctx.window, ctx.shift, ctx.heads = window, shift, win.shape[2] if heads else 0
-        return _merge(win, window, shift, size, heads)
+    def forward(ctx, win, window, shift, size):
+        ctx.window, ctx.shift = window, shift
+        return _merge(win, window, shift, size)
 
     @staticmethod
     def backward(ctx, grad):
-        return _partition(grad.contiguous(), ctx.window, ctx.shift, ctx.heads), None, None, None, None
+        return _partition(grad.contiguous(), ctx.window, ctx.shift), None, None, None
 
 
 def shifted_partition(x: torch.Tensor, window: Size2, shift: Size2) -> torch.Tensor:
@@ -118,10 +104,6 @@ def shifted_partition(x: torch.Tensor, window: Size2, shift: Size2) -> torch.Ten
     return _Partition.apply(x, window, shift)
 
 
-def shifted_merge(win: torch.Tensor, window: Size2, shift: Size2, size: Size2, heads: bool = False) -> torch.Tensor:
-    """``(B, nW, wh*ww, C)`` -> ``(B, H, W, C)``: paste the windows back, then roll by ``+shift``.
-
-    ``heads``: ``win`` is the attention's per-head output ``(B, nW, nH, wh*ww, d)``, merged straight into
-    ``(B, H, W, nH*d)`` (the heads' transpose rides along in the same pass).
-    """
-    return _Merge.apply(win.contiguous(), window, shift, size, heads)
+def shifted_merge(win: torch.Tensor, window: Size2, shift: Size2, size: Size2) -> torch.Tensor:
+    """``(B, nW, wh*ww, C)`` -> ``(B, H, W, C)``: paste the windows back, then roll by ``+shift``."""
+    return _Merge.apply(win.contiguous(), window, shift, size)

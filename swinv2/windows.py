@@ -39,13 +39,17 @@ def clip_window(feature_size: Size2, window: Size2, shift: Size2) -> tuple[Size2
     return win, sft  # type: ignore[return-value]
 
 
+def padded_size(size: Size2, window: Size2) -> Size2:
+    """Each side rounded up to a multiple of the window."""
+    return (math.ceil(size[0] / window[0]) * window[0], math.ceil(size[1] / window[1]) * window[1])
+
+
 def pad_to_window(x: torch.Tensor, window: Size2) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, C)`` map at the bottom/right so both sides are window multiples."""
     _, H, W, _ = x.shape
-    pad_h = (window[0] - H % window[0]) % window[0]
-    pad_w = (window[1] - W % window[1]) % window[1]
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = padded_size((H, W), window)
+    if Hp != H or Wp != W:
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
     return x
 
 
@@ -72,7 +76,7 @@ def shift_region_mask(size: Size2, window: Size2, shift: Size2, device=None) -> 
     brings together; pairs from different regions get -100.
     """
     H, W = size
-    labels = torch.zeros(H, W, dtype=torch.int64)
+    labels = torch.zeros(H, W, dtype=torch.int64, device=device)
     region = 0
     for hs in (slice(0, H - window[0]), slice(H - window[0], H - shift[0]), slice(H - shift[0], H)):
         for ws in (slice(0, W - window[1]), slice(W - window[1], W - shift[1]), slice(W - shift[1], W)):
@@ -80,8 +84,8 @@ def shift_region_mask(size: Size2, window: Size2, shift: Size2, device=None) -> 
             region += 1
     windows = window_partition(labels.view(1, H, W, 1), window).squeeze(-1).squeeze(0)  # (nW, N)
     different = windows.unsqueeze(1) != windows.unsqueeze(2)
-    mask = torch.zeros(different.shape, dtype=torch.float32)
-    return mask.masked_fill_(different, SHIFT_MASK_VALUE).to(device)
+    mask = torch.zeros(different.shape, dtype=torch.float32, device=device)
+    return mask.masked_fill_(different, SHIFT_MASK_VALUE)
 
 
 def relative_position_index(window: Size2, device=None) -> torch.Tensor:

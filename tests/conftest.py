@@ -30,6 +30,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests need a GPU: without one they are skipped, and the skip says where they run."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu_check.py (or pytest -m cuda) on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -95,8 +95,8 @@ def test_v2_window_change_keeps_cpb_values_for_shared_offsets():
     report = swinv2.load_checkpoint(target, source.state_dict())
     assert not report.missing and not report.unexpected
     assert any("pretrained windows [(4, 4)" in line for line in report.adapted)
-    old = source.layers[0].blocks[0].attn._cpb()  # (nH, 16, 16) for a 4x4 window
-    new = target.layers[0].blocks[0].attn._cpb()  # (nH, 64, 64) for an 8x8 window
+    old = source.layers[0].blocks[0].attn.position_bias()  # (nH, 16, 16) for a 4x4 window
+    new = target.layers[0].blocks[0].attn.position_bias()  # (nH, 64, 64) for an 8x8 window
     # token (y, x) of the 4x4 window is token (y, x) of the top-left of the 8x8 window: same offsets, same bias
     idx = torch.tensor([y * 8 + x for y in range(4) for x in range(4)])
     torch.testing.assert_close(new[:, idx][:, :, idx], old, rtol=1e-6, atol=1e-6)

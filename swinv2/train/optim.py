@@ -1,4 +1,5 @@
-"""AdamW parameter groups (no-decay set, layer-wise LR decay) and the per-step learning-rate schedule."""
+"""AdamW parameter groups (no-decay set and layer-wise LR decay, as the model states them) and the per-step
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -8,60 +9,27 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..attention import WindowAttentionV1, WindowAttentionV2
-from ..model import SwinTransformer
+
+def _ask(model: nn.Module, fact: str):
+    method = getattr(model, fact, None)
+    if not callable(method):
+        raise ValueError(
+            f"{type(model).__name__} has no {fact}() method, which the optimizer's parameter groups need: build it "
+            "with swinv2.create_model or simmim.SimMIM, or give it one"
+        )
+    return method()
 
 
 def no_weight_decay_params(model: nn.Module) -> set[int]:
-    """``id()`` of every parameter exempt from weight decay (SPEC section 2), found by identity, not by name.
-
-    Biases and all 1-D parameters (norms, q/v biases); V2 ``logit_scale`` and the whole CPB MLP; V1 bias tables;
-    the absolute position embedding; any ``mask_token`` (SimMIM). Matching module attributes instead of name
-    prefixes keeps this right whatever the model is wrapped in.
-    """
-    exempt = {id(p) for p in model.parameters() if p.ndim <= 1}
-    for module in model.modules():
-        if isinstance(module, WindowAttentionV2):
-            exempt.add(id(module.logit_scale))
-            exempt.update(id(p) for p in module.cpb_mlp.parameters())
-        elif isinstance(module, WindowAttentionV1):
-            exempt.add(id(module.relative_position_bias_table))
-        for name in ("absolute_pos_embed", "mask_token"):
-            param = getattr(module, name, None)
-            if isinstance(param, nn.Parameter):
-                exempt.add(id(param))
-    return exempt
-
-
-def _find_swin(model: nn.Module) -> SwinTransformer:
-    found = [m for m in model.modules() if isinstance(m, SwinTransformer)]
-    if len(found) != 1:
-        raise ValueError(f"layer-wise LR decay needs exactly one Swin backbone in the model, found {len(found)}")
-    return found[0]
+    """``id()`` of every parameter exempt from weight decay, as the model names them in ``no_weight_decay()``."""
+    names = _ask(model, "no_weight_decay")
+    return {id(p) for name, p in model.named_parameters() if name in names}
 
 
 def layer_ids(model: nn.Module) -> dict[int, int]:
-    """``id(param) -> layer`` for layer-wise LR decay (SPEC section 3; BEiT/SimMIM fine-tuning).
-
-    ``num_layers = sum(depths) + 2``: the patch embedding, absolute position embedding and mask token are
-    layer 0; block j of stage s is ``sum(depths[:s]) + j + 1``; stage s's patch merging shares the layer of its
-    last block, ``sum(depths[:s + 1])``; everything else (final norm, head) is the last layer.
-    """
-    swin = _find_swin(model)
-    depths = [len(stage.blocks) for stage in swin.layers]
-    last = sum(depths) + 1
-    ids = {id(p): last for p in model.parameters()}
-    first: list[nn.Parameter] = list(swin.patch_embed.parameters())
-    first += [p for m in model.modules() for n in ("absolute_pos_embed", "mask_token")
-              if isinstance(p := getattr(m, n, None), nn.Parameter)]
-    ids.update({id(p): 0 for p in first})
-    for s, stage in enumerate(swin.layers):
-        start = sum(depths[:s])
-        for j, block in enumerate(stage.blocks):
-            ids.update({id(p): start + j + 1 for p in block.parameters()})
-        if stage.downsample is not None:
-            ids.update({id(p): start + depths[s] for p in stage.downsample.parameters()})
-    return ids
+    """``id(param) -> layer`` for layer-wise LR decay, as the model numbers them in ``layer_ids()``."""
+    ids = _ask(model, "layer_ids")
+    return {id(p): ids[name] for name, p in model.named_parameters()}
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:

@@ -1,22 +1,82 @@
-"""Window attention from the qkv projection to the per-head outputs, with a hand-written backward (CPU training).
+"""CPU-only: window attention for eager training on the CPU, with a hand-written backward.
 
-Swin sec. 3.2 / Swin V2 sec. 3.2: per window and head, ``softmax(q' k'^T + B) v`` with ``q' = q / sqrt(d)`` and
-``k' = k`` (V1), or ``q' = s q / |q|`` and ``k' = k / |k|`` with the clamped, exponentiated logit scale ``s``
-(V2, scaled cosine attention). The bias B (position bias plus shift mask) is shared by the whole batch.
+A reader of the model can skip this file: it computes exactly what :class:`swinv2.attention.WindowAttention`
+computes on its public path (Swin sec. 3.2 / Swin V2 sec. 3.2: per window and head, ``softmax(q' k'^T + B) v``
+with ``q' = q / sqrt(d)``, ``k' = k`` for V1, or ``q' = s q / |q|``, ``k' = k / |k|`` with the clamped,
+exponentiated logit scale ``s`` for V2), and the attention module chooses it only in eager CPU training in
+float32/float64 with ``cpu_kernels=True`` (the default), no attention dropout and no chunking. Under
+``torch.compile``, on a GPU, under autocast or with ``cpu_kernels=False`` the model runs
+``scaled_dot_product_attention`` instead; tests check both against each other and against float64.
 
-Why not autograd: on the CPU the training step is bound by memory traffic, and autograd's backward of this chain
-makes many full passes (the normalisation's product and quotient rules separately, a stack of the q/k/v
-gradients and a copy back into the qkv layout) and asks the BLAS for ``q^T dS`` in ``(d, N)`` layout, a batched
-product several times slower than the same numbers computed as ``dS^T q`` in ``(N, d)`` layout. This backward
-writes the qkv gradient once, in place, and picks the fast layout for every product. SDPA's fused CPU kernels
-cannot replace it: they give no gradient for B, which V2 learns through its CPB MLP and V1 through its table.
+Why: on the CPU the training step is bound by memory traffic, and autograd's backward of this chain makes many
+full passes (the normalisation's product and quotient rules separately, a stack of the q/k/v gradients and a
+copy back into the qkv layout) and asks the BLAS for ``q^T dS`` in ``(d, N)`` layout, a batched product several
+times slower than the same numbers computed as ``dS^T q`` in ``(N, d)`` layout. This backward writes the qkv
+gradient once and picks the fast layout for every product. SDPA's CPU kernels give no gradient for the bias
+(which V2 learns through its CPB MLP and V1 through its table), so with a learned bias SDPA falls back to its
+unfused math path on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 NORM_EPS = 1e-12  # F.normalize's default
+
+
+@functools.cache
+def private_softmax_ops_work() -> bool:
+    """Whether aten's ``_softmax.out`` / ``_softmax_backward_data.out`` (private ops, used to run the softmax and
+    its backward in place) exist and agree with the public ``torch.softmax`` and its derivative.
+
+    Runs once, on first use (never at import), on fixed inputs: no random draw. When False the public path runs
+    instead, with the same values (a fresh output buffer per call is its only cost: on the CPU a new 25 MB
+    attention map costs thousands of page faults, more than the softmax itself).
+    """
+    try:
+        x = torch.linspace(-3.0, 2.0, 12).view(3, 4)
+        g = torch.linspace(1.0, -1.5, 12).view(3, 4)
+        probs = torch.softmax(x, -1)
+        want_grad = _softmax_backward_public(g, probs)
+        got = x.clone()
+        torch.ops.aten._softmax.out(got, -1, False, out=got)
+        got_grad = g.clone()
+        torch.ops.aten._softmax_backward_data.out(got_grad, probs, -1, probs.dtype, grad_input=got_grad)
+        return bool(torch.allclose(got, probs) and torch.allclose(got_grad, want_grad))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def _softmax_backward_public(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return probs * (grad - (grad * probs).sum(-1, keepdim=True))
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place when the private op is available."""
+    if private_softmax_ops_work():
+        return torch.ops.aten._softmax.out(x, -1, False, out=x)
+    return torch.softmax(x, -1)
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits from d loss / d probs, in place into ``grad`` when the private op is available."""
+    if private_softmax_ops_work():
+        return torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=grad)
+    return _softmax_backward_public(grad, probs)
+
+
+def cpu_kernel_applies(qkv: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Eager training on the CPU in float32/float64 outside autocast: the only case this kernel is for."""
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype in (torch.float32, torch.float64)
+        and torch.is_grad_enabled()
+        and (qkv.requires_grad or bias.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _normalise(t: torch.Tensor, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,12 +115,6 @@ def _normalise_backward(
     return dot if factor is not None else None
 
 
-def _softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place. Fresh buffers are not free on the CPU: a new 25 MB tensor
-    (the stage-1 attention maps at 256 px) costs thousands of page faults, more than the softmax itself."""
-    return torch.ops.aten._softmax.out(x, -1, False, out=x)
-
-
 class WindowAttentionFunction(torch.autograd.Function):
     """``qkv (B, nW, N, 3C)`` -> per-head outputs ``(B, nW, nH, N, d)`` of window attention.
 
@@ -79,9 +133,9 @@ class WindowAttentionFunction(torch.autograd.Function):
         kn, k_norm = _normalise(k, None if cosine else 1.0)
         v = v.contiguous()
         G = B * nW * num_heads
-        probs = torch.bmm(qn.view(G, N, d), kn.view(G, N, d).transpose(1, 2))  # the logits, turned into probs
-        probs.view(B, nW, num_heads, N, N).add_(bias)
-        _softmax_(probs)
+        logits = torch.bmm(qn.view(G, N, d), kn.view(G, N, d).transpose(1, 2))
+        logits.view(B, nW, num_heads, N, N).add_(bias)
+        probs = _softmax(logits)
         out = torch.bmm(probs, v.view(G, N, d)).view(B, nW, num_heads, N, d)
         ctx.save_for_backward(qn, kn, v, probs, q_norm, k_norm, q_scale if cosine else None)
         ctx.q_scale = None if cosine else q_scale
@@ -96,8 +150,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         G = B * nW * nH
         g = grad_out.reshape(G, N, d)
         grad_v = torch.bmm(probs.transpose(1, 2), g)
-        grad_logits = torch.bmm(g, v.view(G, N, d).transpose(1, 2))  # d probs, turned into d logits in place
-        torch.ops.aten._softmax_backward_data.out(grad_logits, probs, -1, probs.dtype, grad_input=grad_logits)
+        grad_logits = _softmax_backward(torch.bmm(g, v.view(G, N, d).transpose(1, 2)), probs)
         grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_bias = grad_logits.view(B, nW, nH, N, N).sum_to_size(ctx.bias_shape)

@@ -1,0 +1,168 @@
+"""Everything this project can only learn on a GPU, in one command that writes one folder (about 5 min on one GPU):
+
+    python benchmarks/gpu_check.py --out gpu_check            # then read gpu_check/summary.json
+
+1. ``pytest -m cuda``: the CUDA tests (tests/test_cuda.py), JUnit XML and log.
+2. bf16 against fp32 logits: SwinV2-B/192 and Swin-B/224 (random weights) in fp32, under bf16 autocast and
+   cast to bf16: largest logit difference and top-1 agreement.
+3. SDPA against explicit attention on CUDA, per precision (fp32, bf16, fp16): a SwinV2-T/256 training step's
+   loss, the largest relative gradient difference, the peak allocated memory and the median step time.
+4. ``benchmarks/model_speed.py`` in bf16 against timm (SwinV2-B/192, batch 64), with its per-attention-path rows.
+
+Each part runs in its own try (and the subprocesses under a time limit), so one failure still leaves the others'
+results. Without a GPU it writes what it can (the skipped pytest run) and says that the rest needs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BF16_MODELS = ("swinv2_base_window12_192", "swin_base_patch4_window7_224")
+
+
+def run_cuda_tests(out: Path) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rs", "tests/test_cuda.py",
+           f"--junitxml={out / 'cuda_tests.xml'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
+    return {"returncode": proc.returncode, "last_line": (proc.stdout.strip().splitlines() or [""])[-1]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_vs_fp32_logits(device: str = "cuda", names=BF16_MODELS, batch: int = 16, **overrides) -> dict:
+    """Logits in fp32, under bf16 autocast and with the model cast to bf16."""
+    import swinv2
+
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = swinv2.create_model(name, **{"num_classes": 1000, **overrides}).to(device).eval()
+        x = torch.randn(batch, 3, *model.img_size, device=device)
+        with torch.no_grad():
+            fp32 = model(x).double()
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                autocast = model(x).double()
+            cast = model.bfloat16()(x.bfloat16()).double()
+        results[name] = {
+            "logit_max_abs": float(fp32.abs().max()),
+            "autocast_max_abs_diff": float((autocast - fp32).abs().max()),
+            "cast_max_abs_diff": float((cast - fp32).abs().max()),
+            "autocast_top1_agreement": float((autocast.argmax(1) == fp32.argmax(1)).float().mean()),
+            "cast_top1_agreement": float((cast.argmax(1) == fp32.argmax(1)).float().mean()),
+        }
+    return results
+
+
+def _train_step(model, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    return loss
+
+
+def sdpa_vs_explicit(device: str = "cuda", name: str = "swinv2_tiny_window8_256", batch: int = 32, repeats: int = 5,
+                     dtypes=("fp32", "bf16", "fp16"), **overrides) -> dict:
+    """One training step per attention path and precision: loss, gradient difference, peak memory, time."""
+    import swinv2
+    from swinv2.attention import WindowAttention
+
+    device = torch.device(device)
+    results = {}
+    for dtype_name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        torch.manual_seed(0)
+        model = swinv2.create_model(name, **{"num_classes": 1000, **overrides}).to(device).train()
+        x = torch.randn(batch, 3, *model.img_size, device=device)
+        target = torch.randint(0, model.num_classes, (batch,), device=device)
+        row, grads = {}, {}
+        for path in ("sdpa", "explicit"):
+            for m in model.modules():
+                if isinstance(m, WindowAttention):
+                    m.fused, m.cpu_kernels = path == "sdpa", False
+            model.zero_grad(set_to_none=True)
+            _train_step(model, x, target, dtype)  # warm-up
+            model.zero_grad(set_to_none=True)
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            loss = _train_step(model, x, target, dtype)
+            _sync(device)
+            row[path] = {"loss": float(loss)}
+            if device.type == "cuda":
+                row[path]["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            grads[path] = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+            times = []
+            for _ in range(repeats):
+                model.zero_grad(set_to_none=True)
+                _sync(device)
+                start = time.perf_counter()
+                _train_step(model, x, target, dtype)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            row[path]["median_step_s"] = round(sorted(times)[len(times) // 2], 4)
+        rel = {n: float((grads["sdpa"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+               for n, g in grads["explicit"].items()}
+        worst = max(rel, key=rel.get)
+        row["max_relative_grad_diff"] = {"param": worst, "value": rel[worst]}
+        results[dtype_name] = row
+    return results
+
+
+def model_speed(out: Path) -> dict:
+    cmd = [sys.executable, "benchmarks/model_speed.py", "--model", "swinv2_base_window12_192", "--batch", "64",
+           "--dtype", "bf16", "--repeats", "10", "--json", str(out / "model_speed_bf16.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    (out / "model_speed_bf16.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        return {"returncode": proc.returncode}
+    return json.loads((out / "model_speed_bf16.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu_check", help="folder for every result (created)")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+    summary: dict = {"torch": torch.__version__, "python": platform.python_version(),
+                     "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        summary["device"] = torch.cuda.get_device_name()
+    parts = [("cuda_tests", lambda: run_cuda_tests(out))]
+    if torch.cuda.is_available():
+        parts += [("bf16_vs_fp32_logits", bf16_vs_fp32_logits), ("sdpa_vs_explicit", sdpa_vs_explicit),
+                  ("model_speed_bf16", lambda: model_speed(out))]
+    else:
+        summary["note"] = "no CUDA GPU here: the CUDA tests were skipped and parts 2-4 need a GPU"
+    for name, part in parts:
+        start = time.perf_counter()
+        try:
+            summary[name] = part()
+        except Exception as error:  # keep the other parts' results; the traceback goes into the summary
+            summary[name] = {"error": repr(error), "traceback": traceback.format_exc()}
+        summary[name + "_s"] = round(time.perf_counter() - start, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"{name}: done in {summary[name + '_s']} s", flush=True)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
