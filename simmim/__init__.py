@@ -4,17 +4,21 @@ pretraining transform and reconstruction grids. Depends on :mod:`swinv2`, never 
 from __future__ import annotations
 
 from .checkpoints import export_encoder, load_checkpoint
+from .heldout import HeldOutTransform, heldout_loss
 from .masking import MaskGenerator
-from .model import SimMIM
+from .model import SimMIM, local_normalize
 from .transforms import PretrainTransform, normalize_images
 from .visualize import reconstruction_grid
 
 __all__ = [
+    "HeldOutTransform",
     "MaskGenerator",
     "PretrainTransform",
     "SimMIM",
     "export_encoder",
+    "heldout_loss",
     "load_checkpoint",
+    "local_normalize",
     "normalize_images",
     "reconstruction_grid",
 ]

@@ -152,7 +152,11 @@ class SimMIM(nn.Module):
         for looking at, not for measuring. ``target_space=True`` returns the raw decoder output instead.
         """
         pred = self.predict(images, mask)
-        if target_space or self.norm_target_patch_size is None:
+        return pred if target_space else self.to_input_space(images, pred)
+
+    def to_input_space(self, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """A decoder output of :meth:`predict` for ``images`` mapped back to their normalised input space."""
+        if self.norm_target_patch_size is None:
             return pred
         mean, std = local_stats(images, self.norm_target_patch_size)
         return (pred * std + mean).to(images.dtype)

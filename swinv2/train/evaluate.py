@@ -10,6 +10,7 @@ whether any rank still has data, and ranks that ran dry take part with a dummy b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +22,27 @@ def _reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
     return t
+
+
+def lockstep_batches(loader: Any, device: torch.device, lockstep: bool, dry_forward: Callable[[], Any]
+                     ) -> Iterator[dict]:
+    """``loader``'s batches; with ``lockstep`` the ranks agree before each batch whether any rank still has one,
+    and a rank that ran dry calls ``dry_forward()`` (a forward on a dummy input, outputs dropped) so that it joins
+    the others' collectives (ZeRO-3 parameter gathers) until every rank is done."""
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        if lockstep:
+            any_left = _reduce(torch.tensor([float(batch is not None)], device=device),
+                               torch.distributed.ReduceOp.MAX if torch.distributed.is_initialized() else None)
+            if not any_left.item():
+                return
+            if batch is None:  # this rank ran dry: join the others' parameter gathers
+                dry_forward()
+                continue
+        elif batch is None:
+            return
+        yield batch
 
 
 @torch.no_grad()
@@ -36,26 +58,11 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device | str, dtype: t
     was_training = model.training
     model.eval()  # also drops the V2 position-bias caches, which cannot see DeepSpeed's in-place updates
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, count
-    dummy: torch.Tensor | None = None
     start = time.perf_counter()
-    batches = iter(loader)
     try:
-        while True:
-            batch = next(batches, None)
-            if lockstep:
-                any_left = _reduce(torch.tensor([float(batch is not None)], device=device),
-                                   torch.distributed.ReduceOp.MAX if torch.distributed.is_initialized() else None)
-                if not any_left.item():
-                    break
-                if batch is None:  # this rank ran dry: join the others' parameter gathers, drop the outputs
-                    model(dummy if dummy is not None else _dummy_input(model, device, dtype))
-                    continue
-            elif batch is None:
-                break
+        for batch in lockstep_batches(loader, device, lockstep, lambda: model(dummy_input(model, device, dtype))):
             images = batch["image"].to(device, dtype, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            if dummy is None:
-                dummy = images[:1]
             logits = model(images).float()  # (B, classes)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == labels[:, None]
@@ -74,7 +81,8 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device | str, dtype: t
             "images_per_s": count / max(elapsed.item(), 1e-9)}
 
 
-def _dummy_input(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def dummy_input(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One all-zero image of ``model.img_size`` (for a rank without data in a lockstep evaluation)."""
     size = getattr(model, "img_size", None)
     if size is None:
         raise ValueError("lockstep evaluation needs model.img_size for the dummy batch of a rank without data")

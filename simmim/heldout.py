@@ -1,0 +1,114 @@
+"""Held-out reconstruction loss: SimMIM's own objective on images it never trains on, with masks fixed per image.
+
+A long pretraining run needs a number that compares across evaluations and runs: the training loss mixes in new
+random crops and masks every step. Here every held-out image is resized and centre-cropped (no randomness) and
+masked with a mask drawn from a seed derived from its sample key (SHA-256 of the key), so the same image gets
+the same mask in every evaluation, on any number of ranks and workers. The loss is SimMIM's (arXiv 2111.09886
+sec. 3.3) summed over all held-out images: ``sum |target - prediction| * M / (sum M * channels)``. Every image is
+read exactly once across ranks (the ``"heldout"`` evaluation stream); the sums are all-reduced at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from swinv2.train.evaluate import lockstep_batches
+from swinv2.windows import to_2tuple
+
+from .masking import MaskGenerator
+from .model import SimMIM, pixel_mask
+from .transforms import _to_rgb, normalize_images
+
+
+class HeldOutTransform:
+    """PIL image -> uint8 ``(3, H, W)``: shorter side resized to the crop (bilinear), then the centre crop.
+
+    No randomness, so every evaluation sees the same pixels (the counterpart of :class:`PretrainTransform`,
+    whose output contract it shares: normalise on the device with :func:`normalize_images`).
+    """
+
+    def __init__(self, img_size: int | tuple[int, int]):
+        self.img_size = to_2tuple(img_size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = _to_rgb(image)
+        (h, w), (W, H) = self.img_size, image.size
+        scale = max(h / H, w / W)
+        rw, rh = max(w, round(W * scale)), max(h, round(H * scale))
+        image = image.resize((rw, rh), Image.Resampling.BILINEAR)
+        left, top = (rw - w) // 2, (rh - h) // 2
+        pixels = np.asarray(image.crop((left, top, left + w, top + h)))  # (H, W, 3)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"HeldOutTransform(img_size={self.img_size}, shorter side resized (bilinear), centre crop)"
+
+
+def key_seed(key: str) -> int:
+    """A seed that depends only on the sample key (Python's ``hash`` of a string changes between processes)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def key_masks(mask_generator: MaskGenerator, keys: list[str]) -> torch.Tensor:
+    """One mask per sample key, ``(B, h, w)``, the same for that key in every call."""
+    return torch.stack([mask_generator(seed=key_seed(k)) for k in keys])
+
+
+@dataclass
+class HeldOutResult:
+    """The held-out loss, the image count over all ranks, and (on every rank) the first ``keep`` images of its
+    first batch with their masks and reconstructions in the input space, for a fixed reconstruction grid."""
+
+    loss: float
+    count: int
+    images: torch.Tensor
+    masks: torch.Tensor
+    reconstructions: torch.Tensor
+
+
+@torch.no_grad()
+def heldout_loss(model: SimMIM, loader: Any, mask_generator: MaskGenerator, device: torch.device,
+                 dtype: torch.dtype = torch.float32, lockstep: bool = False, keep: int = 8) -> HeldOutResult:
+    """SimMIM's loss over every image of ``loader`` (a ``"heldout"`` stream of uint8 images with ``key``s).
+
+    ``lockstep=True`` when the forward is collective (ZeRO-3): ranks without data join with a dummy batch.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # sum |t - p| * M, sum M * channels, images
+    kept: tuple[torch.Tensor, ...] = ()
+
+    def dry_forward() -> None:
+        h, w = mask_generator.input_size
+        model.predict(torch.zeros(1, model.in_chans, h, w, device=device, dtype=dtype),
+                      torch.zeros(1, *mask_generator.token_size, dtype=torch.long, device=device))
+
+    try:
+        for batch in lockstep_batches(loader, device, lockstep, dry_forward):
+            images = normalize_images(batch["image"].to(device, non_blocking=True), dtype)
+            masks = key_masks(mask_generator, batch["key"]).to(device)
+            pred = model.predict(images, masks)
+            weight = pixel_mask(masks, model.patch_size).to(torch.float32)
+            error = (model.target(images).float() - pred.float()).abs_().mul_(weight)
+            sums += torch.stack([error.sum(dtype=torch.float64), weight.sum(dtype=torch.float64) * model.in_chans,
+                                 torch.tensor(float(len(images)), dtype=torch.float64, device=device)])
+            if not kept:
+                n = min(keep, len(images))
+                kept = (images[:n].float(), masks[:n], model.to_input_space(images[:n], pred[:n]).float())
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    error_sum, weight_sum, count = sums.tolist()
+    if count == 0:
+        raise ValueError("the held-out set is empty on every rank: check data.eval_urls")
+    if not kept:
+        empty = torch.zeros(0)
+        kept = (empty, empty, empty)
+    return HeldOutResult(error_sum / weight_sum, int(count), *kept)
