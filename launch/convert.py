@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.out is None:
             parser.error("give an output folder (or --universal)")
-        state = read_our_state(args.checkpoint)
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output {str(out)!r} is an existing file: give a folder (it gets model.safetensors and "
+                             "its companions)")
+        state = read_our_state(args.checkpoint)
         print(f"model weights ({len(state)} tensors, fp32): {save_safetensors(state, out / 'model.safetensors')}")
         if any(k.startswith("encoder.") for k in state):
             encoder = encoder_state_dict(state)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from swinv2.train.engine import init_distributed  # noqa: E402
 from swinv2.train.evaluate import evaluate_checkpoint  # noqa: E402
+from swinv2.train.export import locate  # noqa: E402
 from swinv2.train.weights import WeightsError, resolve_spec  # noqa: E402
 
 
@@ -50,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank, world = init_distributed()
     try:
+        if Path(args.checkpoint).is_dir():
+            locate(args.checkpoint)  # a folder without a complete checkpoint: say that before asking for --model
         spec = resolve_spec(args.checkpoint, args.model, img_size=args.img_size, window_size=args.window,
                             pretrained_window_sizes=args.pretrained_windows, num_classes=args.num_classes)
         metrics, report = evaluate_checkpoint(args.checkpoint, args.data, spec, batch_size=args.batch,
                                               num_workers=args.workers, crop_pct=args.crop_pct,
                                               precision=args.precision)
-    except (WeightsError, ValueError) as error:
+    except (WeightsError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if rank == 0:

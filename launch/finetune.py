@@ -21,9 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from swinv2.data import DataError  # noqa: E402
+from swinv2.train.checkpointing import CheckpointWriteError  # noqa: E402
 from swinv2.train.config import ConfigError  # noqa: E402
 from swinv2.train.finetune import finetune  # noqa: E402
 from swinv2.train.finetune_config import load_finetune_config  # noqa: E402
+from swinv2.train.safe_load import UnsafeCheckpointError  # noqa: E402
 from swinv2.train.weights import WeightsError  # noqa: E402
 
 
@@ -40,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = finetune(cfg)
-    except (ConfigError, WeightsError) as error:  # e.g. a global batch the world size cannot split; bad weights
+    except (ConfigError, DataError, WeightsError, UnsafeCheckpointError) as error:  # fixable by the user
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as error:  # e.g. a full disk: every rank says so and exits, none waits
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0 if result.end.reason in ("done", "max_steps", "preempted") else 1
 
 

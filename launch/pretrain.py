@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from simmim.pretrain import pretrain  # noqa: E402
+from swinv2.data import DataError  # noqa: E402
+from swinv2.train.checkpointing import CheckpointWriteError  # noqa: E402
 from swinv2.train.config import ConfigError, PretrainConfig, load_config  # noqa: E402
+from swinv2.train.safe_load import UnsafeCheckpointError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        end = pretrain(cfg)  # raises ConfigError too, for checks that need the world size
-    except ConfigError as error:
+        end = pretrain(cfg)  # raises ConfigError too, for checks that need the world size or the checkpoint
+    except (ConfigError, DataError, UnsafeCheckpointError) as error:  # the user can fix these
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as error:  # e.g. a full disk: every rank says so and exits, none waits
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0 if end.reason in ("done", "max_steps", "preempted") else 1
 
 

@@ -63,9 +63,14 @@ def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: check the path")
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            source = load_file(str(path))
+            try:
+                source = load_file(str(path))
+            except SafetensorError as error:
+                raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({error}); it may be "
+                                 "truncated: copy or export it again") from None
         else:
             try:
                 source = torch.load(path, map_location="cpu", weights_only=True)
@@ -242,6 +247,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str = "ou
         from safetensors.torch import save_file
 
         save_file(state, str(tmp))
+        # safetensors creates the file with mode 0600; give it the mode any other new file gets (the umask's).
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     else:
         torch.save(state, tmp)
     os.replace(tmp, path)

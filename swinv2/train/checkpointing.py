@@ -5,6 +5,10 @@ Layout: ``<dir>/step00000123/`` as written by ``engine.save_checkpoint`` (all ra
 ``<dir>/latest`` naming it. A kill at any moment leaves the previous complete checkpoint as the one resumed from;
 unfinished directories are removed by the next save. Resuming at a different world size goes through DeepSpeed's
 universal checkpoint (converted on the fly, once, into ``<tag>_universal``).
+
+Every DeepSpeed read (loading, the universal conversion) is weights-only (:mod:`.safe_load`). A save first checks
+on every rank that the disk has room for it, and a write that fails anyway (a full disk) ends every rank with
+:class:`CheckpointWriteError` instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -27,14 +31,47 @@ from deepspeed.checkpoint.constants import (
 )
 
 from .files import write_text_atomic
+from .safe_load import weights_only_loads
 
 MARKER = "complete.json"
 TAG = re.compile(r"^step(\d{8,})$")
 
 
+# Bytes per parameter of a checkpoint with AdamW: the fp32 master weights and two moments (12, ZeRO paper,
+# Rajbhandari et al. 2020, sec. 3) plus the module's own weights (at most 4); the first save's estimate.
+BYTES_PER_PARAMETER = 16
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (no room on the disk, a failed write); the previous one is intact."""
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _all_max(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():  # the folder is created by the first save
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.0f} MB"
 
 
 @dataclass
@@ -67,22 +104,31 @@ class CheckpointManager:
         if not tags:
             return None
         tag = tags[-1]
-        meta = json.loads((self.dir / tag / MARKER).read_text())
+        meta = self.meta(tag)
         point = ResumePoint(tag, meta["step"], meta["world_size"])
         if point.world_size != world_size:
             self.ensure_universal(tag)
             point.universal = True
         return point
 
+    def meta(self, tag: str) -> dict:
+        """The ``complete.json`` of checkpoint ``tag``: step, world size, client state and the run's config."""
+        return json.loads((self.dir / tag / MARKER).read_text())
+
     def ensure_universal(self, tag: str) -> None:
         target = self.dir / f"{tag}_universal"
         if self.rank == 0 and not (target / MARKER).is_file():
             staging = self.dir / f".{tag}_universal.tmp"
             shutil.rmtree(staging, ignore_errors=True)
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+            # DeepSpeed's converter, run with weights-only reads (its forked workers inherit the allow-list).
+            runner = ("from swinv2.train.safe_load import run_module_weights_only as run; "
+                      "run('deepspeed.checkpoint.ds_to_universal')")
+            command = [sys.executable, "-c", runner, "--input_folder",
                        str(self.dir / tag), "--output_folder", str(staging), "--num_extract_workers", "1",
                        "--num_merge_workers", "1", "--inject_missing_state"]
-            result = subprocess.run(command, capture_output=True, text=True)
+            root = str(Path(__file__).resolve().parents[2])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            result = subprocess.run(command, capture_output=True, text=True, env=env)
             if result.returncode != 0:
                 raise RuntimeError(
                     f"converting checkpoint {tag} to DeepSpeed's universal format failed:\n{result.stderr[-2000:]}\n"
@@ -96,8 +142,9 @@ class CheckpointManager:
     def load(self, engine: Any, point: ResumePoint) -> dict:
         """Load model, optimizer, scheduler and client state of ``point`` into ``engine``; returns the client state."""
         tag = f"{point.tag}_universal" if point.universal else point.tag
-        path, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        with weights_only_loads(self.dir / tag):
+            path, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}: start over with resume=false")
         scheduler = getattr(engine, "lr_scheduler", None)
@@ -108,20 +155,50 @@ class CheckpointManager:
         return client or {}
 
     def save(self, engine: Any, step: int, client_state: dict) -> Path:
-        """Write the checkpoint for ``step`` on every rank, mark it complete, then prune (collective)."""
+        """Write the checkpoint for ``step`` on every rank, mark it complete, then prune (collective).
+
+        Raises :class:`CheckpointWriteError` on every rank when the disk has no room for it (checked first) or a
+        write fails; the partial folder is removed and the previous complete checkpoint stays as it was.
+        """
         tag = f"step{step:08d}"
+        need = self._bytes_needed(engine)
+        if _all_max(need - _free_bytes(self.dir)) > 0:
+            raise CheckpointWriteError(self._no_room(tag, need, "not started"))
         # DeepSpeed's universal conversion needs this entry; plain data-parallel models have nothing else to declare.
         universal = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, **universal}, save_latest=False)
-        _barrier()
-        if self.rank == 0:
-            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            meta = {"step": step, "world_size": world, **{k: v for k, v in client_state.items() if k != "config"}}
-            write_text_atomic(self.dir / tag / MARKER, json.dumps(meta, indent=1, default=str))
-            write_text_atomic(self.dir / "latest", tag)
-            self._prune(keep=tag)
-        _barrier()
+        try:
+            # A rank whose write fails raises here and exits; the others then fail in DeepSpeed's closing barrier.
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, **universal},
+                                   save_latest=False)
+            _barrier()
+            if self.rank == 0:
+                world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                meta = {"step": step, "world_size": world, **client_state}
+                write_text_atomic(self.dir / tag / MARKER, json.dumps(meta, indent=1, default=str))
+                write_text_atomic(self.dir / "latest", tag)
+                self._prune(keep=tag)
+            _barrier()
+        except Exception as error:  # noqa: BLE001 - a full disk shows as OSError, torch's RuntimeError or a dead peer
+            if self.rank == 0:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointWriteError(self._no_room(tag, need, f"{type(error).__name__}: {first[:160]}")) from None
         return self.dir / tag
+
+    def _bytes_needed(self, engine: Any) -> int:
+        """The size of the newest complete checkpoint, or an estimate from the parameter count before the first."""
+        tags = self.complete_tags()
+        if tags:
+            return _folder_bytes(self.dir / tags[-1])
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        return BYTES_PER_PARAMETER * count
+
+    def _no_room(self, tag: str, need: int, what: str) -> str:
+        tags = self.complete_tags()
+        intact = f"the last complete checkpoint, {tags[-1]}, is intact" if tags else "no earlier checkpoint exists"
+        return (f"checkpoint {tag} could not be written to {self.dir} ({what}): {_mb(_free_bytes(self.dir))} are "
+                f"free there and a checkpoint needs about {_mb(need)}; free some space or set run.output_dir to a "
+                f"larger disk, then run the same command again to resume ({intact})")
 
     def _prune(self, keep: str) -> None:
         complete = self.complete_tags()

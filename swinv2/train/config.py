@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -144,7 +145,14 @@ def load_config(schema: type, path: str | os.PathLike | None = None, overrides: 
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing --config YAML")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" at line {mark.line + 1}" if mark is not None else ""
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML{where} "
+                                  f"({getattr(error, 'problem', None) or error}): fix its syntax") from None
+            cfg = OmegaConf.merge(cfg, loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value: write e.g. optim.base_lr=2e-4")
@@ -187,6 +195,13 @@ def check(cfg: Any) -> None:
     if hasattr(cfg, "optim"):
         need(cfg.optim.base_lr > 0, "optim.base_lr must be positive")
         need(0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]")
+    if hasattr(cfg, "model") and isinstance(getattr(cfg.model, "img_size", None), int):
+        size = cfg.model.img_size
+        need(size > 0 and size % 4 == 0, f"model.img_size={size} must be a multiple of the patch size 4")
+        if hasattr(cfg, "simmim"):  # the decoder undoes the encoder's stride of 32; masks cover whole mask patches
+            need(size % 32 == 0 and size % cfg.simmim.mask_patch_size == 0,
+                 f"model.img_size={size} must be a multiple of 32 and of simmim.mask_patch_size="
+                 f"{cfg.simmim.mask_patch_size} for SimMIM (e.g. 192)")
     if hasattr(cfg, "simmim"):
         sm = cfg.simmim
         need(0 < sm.mask_ratio < 1, "simmim.mask_ratio must be in (0, 1)")

@@ -9,6 +9,7 @@ import torch
 
 from .checkpointing import MARKER, TAG, CheckpointManager
 from .files import save_safetensors  # noqa: F401  (part of this module's API)
+from .safe_load import weights_only_loads
 
 
 def locate(path: str | os.PathLike) -> tuple[Path, str]:
@@ -33,16 +34,24 @@ def locate(path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All weights of a (possibly ZeRO-partitioned, bf16/fp16) DeepSpeed checkpoint as one fp32 state dict."""
+    """All weights of a (possibly ZeRO-partitioned, bf16/fp16) DeepSpeed checkpoint as one fp32 state dict.
+
+    Every file is read weights-only (:mod:`.safe_load`): a file holding anything but tensors and plain data raises
+    :class:`~.safe_load.UnsafeCheckpointError` (a ``ValueError``) without being unpickled.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder, tag = locate(path)
     optim_files = list((folder / tag).glob("*optim_states.pt"))
-    if optim_files:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    else:  # ZeRO stage 0 in fp32: the module weights are the master weights
-        states = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = states["module"]
+    with weights_only_loads(folder / tag):
+        if optim_files:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        else:  # ZeRO stage 0 in fp32: the module weights are the master weights
+            model_file = folder / tag / "mp_rank_00_model_states.pt"
+            if not model_file.is_file():
+                raise FileNotFoundError(f"checkpoint {str(folder / tag)!r} has no {model_file.name}: it is not a "
+                                        "DeepSpeed checkpoint; pass a run directory or a step* folder")
+            state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in state.items()}
 
 

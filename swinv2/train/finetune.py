@@ -78,8 +78,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     seed_everything(cfg.run.seed)  # same initial head on every rank
     out = Path(cfg.run.output_dir)
     announce_config(cfg, out, rank)
-    if rank == 0:
-        write_model_json(model_spec(cfg.model), out)
 
     model = build_classifier(cfg.model)
     data_cfg = replace(cfg.data, img_size=cfg.model.img_size)
@@ -100,6 +98,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if ema is not None:
         ema.module.to(engine.device)
     start_step, data_epoch, tracker = resume_and_track(engine, checkpoints, point, cfg, out, rank, total_steps)
+    if rank == 0:  # like config.yaml, only once the run has started (a refused resume keeps the run's own)
+        write_model_json(model_spec(cfg.model), out)
     dtype = DTYPES[cfg.deepspeed.precision]
     mixup, criterion = build_mixup(cfg), build_criterion(cfg)
     keeper = BestKeeper(out, rank, resumed=point is not None)
@@ -134,8 +134,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         keeper.record(entry)
         last.clear()
         last.update(entry)
-        if tracker.run is not None:
-            tracker.run.log({k: v for k, v in entry.items() if "/" in k}, step=step)
+        tracker.send({k: v for k, v in entry.items() if "/" in k}, step)
         ema_text = f", EMA top-1 {entry['eval_ema/top1']:.2f}" if ema is not None else ""
         tracker.print(f"eval epoch {epoch:g} step {step}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
                       f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['images_per_s']:.0f}/s)"

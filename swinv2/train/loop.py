@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
 import sys
@@ -30,11 +31,29 @@ class LoopEnd:
 
 
 class _StopFlag:
-    """Records a preemption signal; the loop acts on it at the next optimizer-step boundary."""
+    """Records a preemption signal; the loop acts on it at the next optimizer-step boundary.
+
+    Also counts as one: the ``deepspeed`` runner going away under a rank started by ``deepspeed.launcher.launch``.
+    The runner does not pass SIGTERM on: it dies and leaves ``launch`` and the ranks training unsupervised, so a
+    rank whose launcher lost its parent checkpoints and stops as if signalled.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.launcher_gone = False
         self._previous: dict[int, Any] = {}
+        self._launcher, self._launcher_parent = _deepspeed_launcher()
+
+    @property
+    def stopping(self) -> bool:
+        if self._launcher is not None and not self.launcher_gone:
+            import psutil
+
+            try:
+                self.launcher_gone = self._launcher.ppid() != self._launcher_parent
+            except psutil.Error:  # the launcher itself is gone
+                self.launcher_gone = True
+        return self.signal is not None or self.launcher_gone
 
     def __enter__(self) -> _StopFlag:
         for sig in PREEMPTION_SIGNALS:
@@ -47,6 +66,19 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _deepspeed_launcher() -> tuple[Any, int]:
+    """``(psutil.Process of deepspeed.launcher.launch, its parent's pid)`` if that launcher started us."""
+    import psutil
+
+    try:
+        parent = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+            return parent, parent.ppid()
+    except psutil.Error:
+        pass
+    return None, 0
 
 
 @contextmanager
@@ -145,7 +177,7 @@ def train_loop(
                     continue
                 step += 1
                 window_steps += 1
-                preempted, bad_loss = _all_reduce_max([float(stop.signal is not None), float(not math.isfinite(
+                preempted, bad_loss = _all_reduce_max([float(stop.stopping), float(not math.isfinite(
                     loss_sum))], device)
                 if bad_loss:
                     raise FloatingPointError(
@@ -176,7 +208,8 @@ def train_loop(
                     on_step(step, batch)
                 if preempted:
                     reason = "preempted"
-                    tracker.print(f"preemption signal received: checkpointing at step {step} and stopping")
+                    cause = "the deepspeed runner is gone" if stop.launcher_gone else "preemption signal received"
+                    tracker.print(f"{cause}: checkpointing at step {step} and stopping")
                     break
                 if checkpoint_every and step % checkpoint_every == 0 and step < stop_at:
                     checkpoints.save(engine, step, client_state(step, data_epoch))

@@ -15,7 +15,9 @@ import numpy as np
 class Tracker:
     """Metrics to wandb and the console, images to wandb and PNG files; every method is a no-op off rank 0.
 
-    ``run_id`` resumes the same wandb run after a restart (it is stored in checkpoints).
+    ``run_id`` resumes the same wandb run after a restart (it is stored in checkpoints). wandb is never fatal once
+    the run is going: its service is a separate process that a launcher's SIGTERM may kill before the training
+    process has checkpointed, so a failing wandb call is reported once and the metrics go on to the console.
     """
 
     def __init__(self, wandb_cfg: Any, output_dir: str | os.PathLike, config: dict, rank: int, total_steps: int,
@@ -52,7 +54,7 @@ class Tracker:
         if self.rank != 0:
             return
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self._wandb(self.run.log, metrics, step=step)
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix({k.split("/")[-1]: _short(v) for k, v in metrics.items() if k.startswith("train/")},
@@ -61,6 +63,11 @@ class Tracker:
             shown = " ".join(f"{k.split('/')[-1]} {_short(v)}" for k, v in metrics.items() if k != "train/eta_min")
             eta = self.eta_seconds(step)
             print(f"step {step}/{self.total_steps} {shown} eta {_duration(eta)}", flush=True)
+
+    def send(self, metrics: dict[str, float], step: int) -> None:
+        """Send ``metrics`` to wandb only (e.g. evaluation results the caller prints itself)."""
+        if self.run is not None:
+            self._wandb(self.run.log, metrics, step=step)
 
     def image(self, key: str, array: np.ndarray, step: int) -> Path | None:
         """Save an RGB uint8 image as ``output_dir/images/{key}_{step}.png`` (atomically) and send it to wandb."""
@@ -77,8 +84,23 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(array)}, step=step)
+            self._wandb(lambda: self.run.log({key: wandb.Image(array)}, step=step))
         return path
+
+    def _wandb(self, call: Any, *args: Any, **kwargs: Any) -> None:
+        """Run a wandb call; if wandb fails, say so once and go on without it (console and files only)."""
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever broke inside wandb, training goes on
+            self.run = None
+            import wandb
+
+            try:  # release the dead service now, or wandb's exit hook tries again and prints a traceback at exit
+                wandb.teardown()
+            except Exception:  # noqa: BLE001, S110 - it is known to be broken
+                pass
+            self.print(f"wandb stopped working ({type(error).__name__}: {error}); metrics go to the console only "
+                       "from here on")
 
     def print(self, message: str) -> None:
         if self.rank != 0:
@@ -92,7 +114,7 @@ class Tracker:
         if self.bar is not None:
             self.bar.close()
         if self.run is not None:
-            self.run.finish()
+            self._wandb(self.run.finish)
 
 
 def _short(value: float) -> str:
