@@ -1,0 +1,96 @@
+"""Helper for tests/test_plan_states.py, run as ``deepspeed --num_gpus 2 tests/zero_states_probe.py --out F``.
+
+For ZeRO 0-3 x fp32/bf16 it builds the tiny SimMIM model of the demo config, wraps it in our real engine
+(``build_engine``), trains two steps on random batches and measures what the process holds: the bytes of every
+live tensor storage (found with the garbage collector, each storage once, ZeRO-3 partitions included), minus what
+was alive before the model was built. Measured after the second backward pass (weights, gradients and optimizer
+states all present) and after the second optimizer step. Writes ``{"<stage>-<precision>": {"rank0": {...},
+"rank1": {...}}}``. ZeRO-3 runs with a reduction bucket of 1e5 elements (the default 5e8 would take
+2 GB per rank here); bf16 keeps DeepSpeed's default persistence threshold (small parameters stay whole), fp32
+partitions every parameter (threshold 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from simmim.pretrain import build_simmim  # noqa: E402
+from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
+from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
+
+TINY = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "data.batch_size=2",
+        "deepspeed.global_batch=4", "model.img_size=64"]
+RUNS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+
+
+def live_bytes() -> int:
+    """Bytes of every live tensor storage in this process (each storage once)."""
+    gc.collect()
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            for t in (obj, getattr(obj, "ds_tensor", None)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def config_overrides(stage: int, precision: str) -> list[str]:
+    """The overrides of one run (also used by the test to rebuild the same config for the prediction)."""
+    out = [*TINY, f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
+    if stage == 3:  # a small reduction bucket (ZeRO-3 allocates it up front; the default is 5e8 elements)
+        zero = {"reduce_bucket_size": 100_000}
+        if precision == "fp32":
+            zero["stage3_param_persistence_threshold"] = 0
+        extra = Path(tempfile.gettempdir()) / f"zero3_{precision}_{os.getpid()}.json"
+        extra.write_text(json.dumps({"zero_optimization": zero}))
+        out.append(f"deepspeed.extra_json={extra}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher adds it
+    args = parser.parse_args()
+    rank, world = init_distributed()
+    results = {}
+    for stage, precision in RUNS:
+        cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", config_overrides(stage, precision))
+        base = live_bytes()
+        torch.manual_seed(0)
+        engine = build_engine(build_simmim(cfg), cfg, world, steps_per_epoch=10)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        measured = {}
+        for step in range(2):
+            images = torch.randn(2, 3, 64, 64, dtype=dtype)
+            mask = (torch.rand(2, 16, 16) < 0.6).long()
+            loss = engine(images, mask)
+            del images, mask
+            engine.backward(loss)
+            del loss
+            if step == 1:
+                measured["after_backward"] = live_bytes() - base
+            engine.step()
+        measured["after_step"] = live_bytes() - base
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, measured)
+        results[f"{stage}-{precision}"] = {f"rank{r}": m for r, m in enumerate(gathered)}
+        del engine
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
