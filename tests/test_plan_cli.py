@@ -1,0 +1,71 @@
+"""``launch/plan.py`` end to end: the JSON plan for a real config, the search, and one-sentence errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+from pretrain_helpers import ROOT, describe, run
+
+import swinv2
+
+PLAN = str(ROOT / "launch" / "plan.py")
+PARTS = ("weights", "gradients", "optimizer", "buffers", "activations", "transient", "allowance")
+
+
+def plan(*args: str):
+    return run([sys.executable, PLAN, *args], timeout=600)
+
+
+def test_json_plan_of_a_finetuning_config():
+    result = plan("--config", "configs/finetune/swinv2_base_192to224.yaml", "--gpus", "32", "--gpu", "a100-40gb",
+                  "--json")
+    assert result.returncode == 0, describe(result)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.device("meta"):
+        model = swinv2.create_model("swinv2_base_window12_192", img_size=224, window_size=14, num_classes=1000)
+    assert out["params"] == sum(p.numel() for p in model.parameters())
+    memory = out["per_rank_bytes"]
+    assert memory["total"] == sum(memory[k] for k in PARTS)
+    assert out["fits"] == (memory["total"] <= 40 * 2**30)
+    assert out["micro_batch"] == 64 and out["accumulation"] == 1  # 2048 = 64 x 32 GPUs
+    assert (out["max_micro_batch"] >= 64) == out["fits"]
+    # Step = compute (3x the forward over peak x MFU) + communication; the forward is at least 64 images' worth.
+    assert out["step_seconds"] == out["compute_seconds"] + out["comm_seconds"]
+    assert out["compute_seconds"] >= 3 * 64 * out["forward_flops_per_image"] / (312e12 * 0.4)
+    assert "fits" in result.stdout and "per rank:" in result.stdout
+
+
+@pytest.mark.slow  # 6 fake forwards of SwinV2-T and 24 plans
+def test_search_finds_the_fastest_setting_that_fits():
+    result = plan("--config", "configs/simmim/swinv2_tiny_192.yaml", "--gpus", "16", "--gpu-memory", "6",
+                  "--search", "--json")
+    assert result.returncode == 0, describe(result)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    best = out["best"]
+    assert best["fits"] and best["per_rank_bytes"]["total"] <= 6 * 2**30
+    assert 2048 % (best["micro_batch"] * 16) == 0
+    rows = re.findall(r"^ +[0-3] +(?:on|off) +\d+ ", result.stdout, flags=re.M)
+    assert len(rows) == 24 and "<- fastest" in result.stdout  # 4 ZeRO stages x checkpointing x 3 chunk sizes
+
+
+@pytest.mark.slow  # it searches every setting before it gives up
+def test_a_config_that_cannot_fit_says_why_in_one_sentence():
+    result = plan("--config", "configs/simmim/swinv2_tiny_192.yaml", "--gpu-memory", "1")
+    assert result.returncode == 2, describe(result)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and error.count(". ") == 0
+    for words in ("does not fit", "model states", "activations", "allowance", "more memory"):
+        assert words in error, error
+
+
+def test_bad_input_is_one_sentence_and_exit_2():
+    for args, words in [(["--config", "nope.yaml"], "does not exist"),
+                        (["--config", "configs/simmim/swinv2_tiny_192.yaml", "model.nope=1"], "model.nope"),
+                        (["--config", "configs/simmim/swinv2_tiny_192.yaml", "--gpu-memory", "-3"], "--gpu-memory")]:
+        result = plan(*args)
+        assert result.returncode == 2, describe(result)
+        assert words in result.stderr.strip().splitlines()[-1]
