@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .cpu_attention import NORM_EPS, WindowAttentionFunction, cpu_kernel_applies
+from .cpu_kernels import NORM_EPS, CPULinear, WindowAttentionFunction, cpu_kernel_applies
 from .windows import Size2, log_spaced_coords_table, relative_position_index
 
 # A Python float, not a tensor: a CPU tensor built in forward breaks on GPU and under graph capture.
@@ -68,7 +68,7 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
         fused: bool = True,
         chunk_size: int | None = None,
-        cpu_kernels: bool = True,
+        cpu_kernels: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
@@ -77,8 +77,9 @@ class WindowAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.fused, self.chunk_size, self.cpu_kernels = fused, chunk_size, cpu_kernels
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        linear = CPULinear if cpu_kernels else nn.Linear
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
@@ -116,7 +117,7 @@ class WindowAttention(nn.Module):
             bias = mask.to(qkv.dtype).unsqueeze(1) + bias  # (nW, nH, N, N); mask first: contiguous, no copy
         dropout_p = self.attn_drop if self.training else 0.0
         step = self.chunk_size or nW
-        if self.cpu_kernels and self.fused and step >= nW and dropout_p == 0.0 and cpu_kernel_applies(qkv, bias):
+        if self.cpu_kernels and self._cpu_training(qkv, bias) and self.fused and step >= nW and dropout_p == 0.0:
             heads = WindowAttentionFunction.apply(qkv, bias, self.query_scale(), self.num_heads)
         else:
             q, k, v = qkv.view(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
@@ -130,6 +131,10 @@ class WindowAttention(nn.Module):
             heads = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
         # (B, nW, nH, N, d) -> (B, nW, N, C)
         return self.proj_drop(self.proj(heads.transpose(2, 3).reshape(B, nW, N, C)))
+
+    @staticmethod
+    def _cpu_training(qkv: torch.Tensor, bias: torch.Tensor) -> bool:
+        return cpu_kernel_applies(qkv) and torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
 
 
 class WindowAttentionV1(WindowAttention):

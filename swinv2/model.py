@@ -12,11 +12,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2
+from .cpu_kernels import CPULinear
 from .shifted_windows import shifted_merge, shifted_partition
 from .windows import Size2, clip_window, pad_to_window, padded_size, shift_region_mask, to_2tuple
 
@@ -47,16 +48,31 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
 
+class Mlp(nn.Module):
+    """Transformer MLP, ``drop(fc2(drop(GELU(fc1(x)))))`` (Swin sec. 3.1); timm's ``Mlp`` parameter names."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, linear: type[nn.Linear] = nn.Linear):
+        super().__init__()
+        self.fc1 = linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
 class PatchMerging(nn.Module):
     """2x2 neighbour concat (order (0,0), (1,0), (0,1), (1,1)) -> 2C.
 
     V1: LayerNorm(4C) then Linear (Swin sec. 3.1); V2: Linear then LayerNorm(2C) (Swin V2 sec. 3.1, res-post-norm).
     """
 
-    def __init__(self, dim: int, version: str):
+    def __init__(self, dim: int, version: str, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.version = version
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(2 * dim if version == "v2" else 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +112,7 @@ class SwinBlock(nn.Module):
         extra_norm: bool = False,
         fused_attn: bool = True,
         attn_chunk_size: int | None = None,
-        cpu_kernels: bool = True,
+        cpu_kernels: bool = False,
         feature_size: Size2 | None = None,
     ):
         super().__init__()
@@ -111,7 +127,7 @@ class SwinBlock(nn.Module):
             self.attn = WindowAttentionV1(dim, num_heads, window, qkv_bias, **common)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, linear=CPULinear if cpu_kernels else nn.Linear)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # stochastic depth, per branch
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
@@ -191,8 +207,9 @@ class SwinTransformer(nn.Module):
     shifted); other input sizes that are multiples of the patch size also run, padded to window multiples.
     ``pretrained_window_sizes`` (V2) makes the CPB see coordinates normalised by the pretraining window, for
     fine-tuning at a larger window (Swin V2 sec. 3.3). ``fused_attn=False`` runs the explicit attention reference
-    instead of ``scaled_dot_product_attention``; ``cpu_kernels=False`` keeps eager CPU training off the
-    hand-written attention kernel of :mod:`swinv2.cpu_attention` (same function, same values).
+    instead of ``scaled_dot_product_attention``. ``cpu_kernels=True`` opts into the CPU-only kernels of
+    :mod:`swinv2.cpu_kernels` (oneDNN linears, a hand-written attention backward for training): same values,
+    faster on a CPU, inert on a GPU.
     """
 
     def __init__(
@@ -218,7 +235,7 @@ class SwinTransformer(nn.Module):
         attn_chunk_size: int | None = None,
         extra_norm_every: int = 0,
         fused_attn: bool = True,
-        cpu_kernels: bool = True,
+        cpu_kernels: bool = False,
     ):
         super().__init__()
         if version not in VERSIONS:
@@ -276,12 +293,14 @@ class SwinTransformer(nn.Module):
                 for j in range(depth)
             ]
             last = i == num_stages - 1
-            layers.append(SwinStage(blocks, None if last else PatchMerging(dim, version)))
+            merging = None if last else PatchMerging(dim, version, CPULinear if cpu_kernels else nn.Linear)
+            layers.append(SwinStage(blocks, merging))
             if not last:
                 size, dim = (math.ceil(size[0] / 2), math.ceil(size[1] / 2)), dim * 2
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        linear = CPULinear if cpu_kernels else nn.Linear
+        self.head = linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
         if version == "v2":  # each block starts as the identity (res-post-norm, authors' init)

@@ -19,9 +19,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["plain", "cpu-kernels"])
 @pytest.mark.parametrize("version,dim,heads,window,shift,pretrained,size", CASES)
-def test_window_attention_matches_float64_reference(version, dim, heads, window, shift, pretrained, size):
-    block = randomize_(SwinBlock(version, dim, heads, window, shift, pretrained_window=pretrained)).eval()
+def test_window_attention_matches_float64_reference(version, dim, heads, window, shift, pretrained, size, cpu_kernels):
+    block = SwinBlock(version, dim, heads, window, shift, pretrained_window=pretrained, cpu_kernels=cpu_kernels)
+    block = randomize_(block).eval()
     x = torch.randn(2, *size, dim)
     with torch.no_grad():
         got = block.window_attention(x)
@@ -41,9 +43,9 @@ def _outputs_and_grads(block, x):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("shift", [(0, 0), (2, 2)])
 def test_fast_training_path_matches_explicit_autograd_path(version, shift):
-    """The hand-written CPU backward (swinv2/cpu_attention.py) against autograd through the explicit ops, in
+    """The hand-written CPU backward (swinv2/cpu_kernels.py) against autograd through the explicit ops, in
     float64 so that any formula slip shows far above rounding."""
-    block = randomize_(SwinBlock(version, 16, 2, (4, 4), shift)).train().double()
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), shift, cpu_kernels=True)).train().double()
     x = torch.randn(2, 8, 12, 16, dtype=torch.float64)
     fast = _outputs_and_grads(block, x)
     block.attn.fused = False
@@ -54,11 +56,13 @@ def test_fast_training_path_matches_explicit_autograd_path(version, shift):
         torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["sdpa", "cpu-kernel"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[6]], ids=["v2", "v2-padded", "v2-rect", "v1"])
-def test_training_gradients_match_float64_reference(case):
+def test_training_gradients_match_float64_reference(case, cpu_kernels):
     """float32 training-mode gradients (input and every parameter) against autograd through the float64 loop."""
     version, dim, heads, window, shift, pretrained, size = case
-    block = randomize_(SwinBlock(version, dim, heads, window, shift, pretrained_window=pretrained)).train()
+    block = SwinBlock(version, dim, heads, window, shift, pretrained_window=pretrained, cpu_kernels=cpu_kernels)
+    block = randomize_(block).train()
     x = torch.randn(2, *size, dim, requires_grad=True)
     weights = torch.linspace(-1, 1, x.numel()).view_as(x)
     params = [p for p in block.attn.parameters()]
@@ -72,7 +76,7 @@ def test_training_gradients_match_float64_reference(case):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_chunked_attention_identical_outputs_and_grads(version):
     # float64: unchunked training takes the hand-written CPU backward, chunks go through SDPA
-    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2))).train().double()
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2), cpu_kernels=True)).train().double()
     x = torch.randn(2, 12, 12, 16, dtype=torch.float64)  # 9 windows: chunks of 4, 4, 1
     whole = _outputs_and_grads(block, x)
     block.attn.chunk_size = 4

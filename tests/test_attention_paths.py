@@ -7,7 +7,7 @@ import torch
 from conftest import randomize_
 from torch.profiler import ProfilerActivity, profile
 
-import swinv2.cpu_attention as cpu_attention
+import swinv2.cpu_kernels as cpu_kernels
 from swinv2.attention import explicit_attention, sdpa_attention
 from swinv2.model import SwinBlock
 
@@ -75,17 +75,17 @@ def test_sdpa_function_gradients_for_q_k_v_and_bias(per_window):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.skipif(not cpu_attention.private_softmax_ops_work(), reason="this torch has no in-place softmax ops")
+@pytest.mark.skipif(not cpu_kernels.private_softmax_ops_work(), reason="this torch has no in-place softmax ops")
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_cpu_kernel_private_softmax_and_public_fallback_agree(version, monkeypatch):
     """The CPU kernel with aten's in-place softmax (private) and with the public softmax it falls back to: same
     outputs and gradients, both close to autograd through the explicit path in float64."""
-    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2))).train()
+    block = randomize_(SwinBlock(version, 16, 2, (4, 4), (2, 2), cpu_kernels=True)).train()
     x = torch.randn(2, 8, 8, 16)
     weights = torch.linspace(-1, 1, x.numel()).view_as(x)
     private = _outputs_and_grads(block, x, weights)
     assert "aten::_softmax_backward_data" in _ops_run(lambda: _outputs_and_grads(block, x, weights))
-    monkeypatch.setattr(cpu_attention, "private_softmax_ops_work", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "private_softmax_ops_work", lambda: False)
     assert "aten::_softmax_backward_data" not in _ops_run(lambda: _outputs_and_grads(block, x, weights))
     public = _outputs_and_grads(block, x, weights)
     block = block.double()
@@ -100,10 +100,3 @@ def test_cpu_kernel_private_softmax_and_public_fallback_agree(version, monkeypat
     torch.testing.assert_close(private[0], public[0], rtol=1e-6, atol=1e-6)
     for name, want in public[2].items():  # the two softmax implementations differ by rounding only
         torch.testing.assert_close(private[2][name], want, rtol=1e-5, atol=2e-4 * float(want.abs().max()), msg=name)
-
-
-def test_feature_probe_is_lazy_and_draws_no_random_numbers():
-    cpu_attention.private_softmax_ops_work.cache_clear()
-    state = torch.random.get_rng_state()
-    cpu_attention.private_softmax_ops_work()
-    assert torch.equal(state, torch.random.get_rng_state())

@@ -40,12 +40,13 @@ def _count_calls(model: nn.Module, forward) -> dict[str, int]:
     return calls
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["plain", "cpu-kernels"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_every_layer_runs_its_forward_once(version, train):
+def test_every_layer_runs_its_forward_once(version, train, cpu_kernels):
     """Hand count for depths (2, 2, 2, 2): per block qkv, proj, fc1, fc2 (and V2's two CPB MLP layers); three
     patch mergings; the head. LayerNorms: two per block, three mergings, the patch embedding, the final norm."""
-    model = _model(version).train(train)
+    model = _model(version, cpu_kernels=cpu_kernels).train(train)
     calls = _count_calls(model, lambda: model(torch.randn(2, 3, 64, 64)))
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
@@ -83,10 +84,11 @@ def test_swapped_submodule_changes_the_output():
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["plain", "cpu-kernels"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_lora_on_every_qkv_equals_the_merged_weights_in_float64(version):
+def test_lora_on_every_qkv_equals_the_merged_weights_in_float64(version, cpu_kernels):
     peft = pytest.importorskip("peft")
-    model = _model(version).eval()
+    model = _model(version, cpu_kernels=cpu_kernels).eval()
     reference, base = copy.deepcopy(model).double(), copy.deepcopy(model).double()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"], init_lora_weights=False)
     lora = peft.inject_adapter_in_model(config, model)
@@ -136,9 +138,10 @@ def test_importing_the_packages_draws_no_random_numbers_and_does_no_tensor_work(
     code = (
         "import torch\n"
         "state = torch.random.get_rng_state()\n"
-        "import swinv2, simmim, swinv2.train, swinv2.train.optim, swinv2.cpu_attention\n"
+        "import swinv2, simmim, swinv2.train, swinv2.train.optim, swinv2.cpu_kernels\n"
         "assert torch.equal(state, torch.random.get_rng_state()), 'the RNG moved'\n"
-        "assert swinv2.cpu_attention.private_softmax_ops_work.cache_info().currsize == 0, 'probe ran at import'\n"
+        "for probe in (swinv2.cpu_kernels.private_softmax_ops_work, swinv2.cpu_kernels.onednn_linear_works):\n"
+        "    assert probe.cache_info().currsize == 0, 'a feature probe ran at import'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

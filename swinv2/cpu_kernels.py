@@ -1,20 +1,28 @@
-"""CPU-only: window attention for eager training on the CPU, with a hand-written backward.
+"""CPU-only kernels, opt-in with ``create_model(..., cpu_kernels=True)``: a reader of the model can skip this file.
 
-A reader of the model can skip this file: it computes exactly what :class:`swinv2.attention.WindowAttention`
-computes on its public path (Swin sec. 3.2 / Swin V2 sec. 3.2: per window and head, ``softmax(q' k'^T + B) v``
-with ``q' = q / sqrt(d)``, ``k' = k`` for V1, or ``q' = s q / |q|``, ``k' = k / |k|`` with the clamped,
-exponentiated logit scale ``s`` for V2), and the attention module chooses it only in eager CPU training in
-float32/float64 with ``cpu_kernels=True`` (the default), no attention dropout and no chunking. Under
-``torch.compile``, on a GPU, under autocast or with ``cpu_kernels=False`` the model runs
-``scaled_dot_product_attention`` instead; tests check both against each other and against float64.
+Both compute exactly what the model computes without them, and step aside (to the public path) on a GPU,
+under ``torch.compile``, under autocast and in low precision; tests check each against its public path and
+against float64.
 
-Why: on the CPU the training step is bound by memory traffic, and autograd's backward of this chain makes many
-full passes (the normalisation's product and quotient rules separately, a stack of the q/k/v gradients and a
-copy back into the qkv layout) and asks the BLAS for ``q^T dS`` in ``(d, N)`` layout, a batched product several
-times slower than the same numbers computed as ``dS^T q`` in ``(N, d)`` layout. This backward writes the qkv
-gradient once and picks the fast layout for every product. SDPA's CPU kernels give no gradient for the bias
-(which V2 learns through its CPB MLP and V1 through its table), so with a learned bias SDPA falls back to its
-unfused math path on the CPU.
+- :class:`CPULinear`, an ``nn.Linear`` (same parameters and state dict; hooks, LoRA adapters and pruning
+  parametrizations see it as one) whose forward runs oneDNN's linear for large float32 layers. On this project's
+  CPU, aten's ``addmm``/``mm`` take 1.3-2x longer than oneDNN for the model's shapes (``benchmarks/RESULTS.md``).
+  ``torch.ao.quantization.quantize_dynamic`` matches module types exactly and so skips it: quantize a model
+  built without ``cpu_kernels`` (same state dict).
+- :class:`WindowAttentionFunction`, window attention for eager CPU training with a hand-written backward
+  (Swin sec. 3.2 / Swin V2 sec. 3.2: per window and head, ``softmax(q' k'^T + B) v`` with ``q' = q / sqrt(d)``,
+  ``k' = k`` for V1, or ``q' = s q / |q|``, ``k' = k / |k|`` with the clamped, exponentiated logit scale ``s``
+  for V2). The training step on the CPU is bound by memory traffic, and autograd's backward of this chain makes
+  many full passes (the normalisation's product and quotient rules separately, a stack of the q/k/v gradients
+  and a copy back into the qkv layout) and asks the BLAS for ``q^T dS`` in ``(d, N)`` layout, a batched product
+  several times slower than the same numbers computed as ``dS^T q`` in ``(N, d)`` layout. This backward writes
+  the qkv gradient once and picks the fast layout for every product. SDPA's CPU kernels give no gradient for
+  the bias (which V2 learns through its CPB MLP and V1 through its table): with a learned bias SDPA runs its
+  unfused math path on the CPU.
+
+The private torch ops used here (oneDNN's ``mkldnn::_linear_pointwise``; aten's in-place ``_softmax.out`` and
+``_softmax_backward_data.out``) are each behind a feature test that runs once, on first use (never at import),
+on fixed inputs (no random draw); when it fails, the public op runs instead, with the same values.
 """
 
 from __future__ import annotations
@@ -22,8 +30,78 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 NORM_EPS = 1e-12  # F.normalize's default
+
+
+def cpu_kernel_applies(x: torch.Tensor) -> bool:
+    """Eager work on the CPU in float32/float64 outside autocast: the only case these kernels are for."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+@functools.cache
+def onednn_linear_works() -> bool:
+    """Whether oneDNN's ``mkldnn::_linear_pointwise`` (private) exists and agrees with ``F.linear``."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w, b = torch.linspace(-1, 1, 12).view(3, 4), torch.linspace(1, -2, 20).view(5, 4), torch.linspace(0, 1, 5)
+        return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-6))
+    except (RuntimeError, TypeError):
+        return False
+
+
+# Below about a million outputs addmm's cost is small and oneDNN's per-call set-up (and, in training, a Python
+# autograd node) is not: measured on the CPU.
+MIN_OUTPUTS = 1 << 20
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Forward through oneDNN; backward is the usual pair of matmuls (and a sum for the bias)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad2d.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad2d.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class CPULinear(nn.Linear):
+    """``nn.Linear`` whose forward runs oneDNN's linear (bias added inside the kernel) for float32 layers of at
+    least ``MIN_OUTPUTS`` outputs on the CPU; everywhere else ``nn.Linear.forward``. Same values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.dtype != torch.float32
+            or w.dtype != torch.float32
+            or not cpu_kernel_applies(x)
+            or hasattr(w, "ds_id")  # DeepSpeed ZeRO-3 gathers partitioned weights around its own F.linear
+            or x.numel() // x.shape[-1] * self.out_features < MIN_OUTPUTS
+            or not onednn_linear_works()
+        ):
+            return super().forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return _OneDNNLinear.apply(x, w, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
 
 
 @functools.cache
@@ -31,9 +109,8 @@ def private_softmax_ops_work() -> bool:
     """Whether aten's ``_softmax.out`` / ``_softmax_backward_data.out`` (private ops, used to run the softmax and
     its backward in place) exist and agree with the public ``torch.softmax`` and its derivative.
 
-    Runs once, on first use (never at import), on fixed inputs: no random draw. When False the public path runs
-    instead, with the same values (a fresh output buffer per call is its only cost: on the CPU a new 25 MB
-    attention map costs thousands of page faults, more than the softmax itself).
+    Without them the public softmax runs, with the same values; its only cost is a fresh output buffer per call
+    (on the CPU a new 25 MB attention map costs thousands of page faults, more than the softmax itself).
     """
     try:
         x = torch.linspace(-3.0, 2.0, 12).view(3, 4)
@@ -65,18 +142,6 @@ def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     if private_softmax_ops_work():
         return torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=grad)
     return _softmax_backward_public(grad, probs)
-
-
-def cpu_kernel_applies(qkv: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Eager training on the CPU in float32/float64 outside autocast: the only case this kernel is for."""
-    return (
-        qkv.device.type == "cpu"
-        and qkv.dtype in (torch.float32, torch.float64)
-        and torch.is_grad_enabled()
-        and (qkv.requires_grad or bias.requires_grad)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
 
 
 def _normalise(t: torch.Tensor, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
