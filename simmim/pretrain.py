@@ -22,6 +22,7 @@ from swinv2.train.tracking import Tracker
 
 from .masking import MaskGenerator
 from .model import SimMIM
+from .monitors import PretrainMonitors, gathered
 from .transforms import PretrainTransform, normalize_images
 from .visualize import reconstruction_grid
 
@@ -56,6 +57,8 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     loader = build_loader(cfg.data, "pretrain", PretrainTransform(cfg.model.img_size, mask_generator), rank, world)
     epoch_steps = steps_per_epoch(len(loader), accumulation)
     total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))
+    last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+    monitors = PretrainMonitors(cfg, mask_generator, rank, world)
 
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
     point = checkpoints.resume_point(world) if cfg.resume else None
@@ -67,11 +70,15 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
         images = normalize_images(batch["image"].to(engine.device, non_blocking=True), dtype)
         return engine(images, batch["mask"].to(engine.device, non_blocking=True))
 
-    def images(step: int, batch: dict) -> None:
+    def after_step(step: int, batch: dict) -> None:
         every = cfg.run.image_every
-        if not ((every and step % every == 0) or step == total_steps or step == cfg.run.max_steps):
-            return
-        save_reconstruction(engine, batch, dtype, tracker, step)
+        if (every and step % every == 0) or step == last_step:
+            save_reconstruction(engine, batch, dtype, tracker, step)
+        if monitors.due(step, last_step):
+            monitors.run(engine.module, engine.device, dtype, tracker, step)
+
+    if start_step == 0 and monitors.enabled:  # the reference point: the same measures on the initial weights
+        monitors.run(engine.module, engine.device, dtype, tracker, 0)
 
     def client_state(step: int, epoch: int) -> dict:
         return {"step": step, "data_epoch": epoch, "wandb_id": tracker.run_id, "config": to_dict(cfg),
@@ -80,7 +87,7 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     end = train_loop(
         engine, loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
         tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
-        client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=images,
+        client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=after_step,
     )
     tracker.print(f"stopped at step {end.step} ({end.reason}); checkpoints in {checkpoints.dir}, "
                   f"reconstructions in {out / 'images'}")
@@ -96,18 +103,7 @@ def save_reconstruction(engine: Any, batch: dict, dtype: torch.dtype, tracker: T
     mask = batch["mask"][:8].to(engine.device)
     was_training = model.training
     model.eval()
-    with _gathered([model.mask_token]):
+    with gathered([model.mask_token]):
         reconstruction = model.reconstruct(images, mask)
     model.train(was_training)
     tracker.image("reconstruction", reconstruction_grid(images.float(), mask, reconstruction.float()), step)
-
-
-def _gathered(params: list[torch.nn.Parameter]):
-    """ZeRO-3 partitions parameters; ones used outside a module's own forward must be gathered explicitly."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    from contextlib import nullcontext
-
-    return nullcontext()

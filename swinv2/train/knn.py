@@ -23,11 +23,13 @@ from torch import nn
 from .evaluate import dummy_input, lockstep_batches
 
 
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int | None = None,
                 k: int = 20, temperature: float = 0.07) -> torch.Tensor:
-    """Predicted labels ``(Q,)`` of ``queries`` ``(Q, D)`` from ``bank`` ``(N, D)`` with labels ``(N,)``."""
+    """Predicted labels ``(Q,)`` of ``queries`` ``(Q, D)`` from ``bank`` ``(N, D)`` with labels ``(N,)``
+    (``num_classes``: ``None`` for the bank's largest label + 1)."""
     if bank.shape[0] == 0:
         raise ValueError("the kNN probe's training set is empty: check probe.train_urls")
+    num_classes = int(bank_labels.max()) + 1 if num_classes is None else num_classes
     k = min(k, bank.shape[0])
     bank, queries = F.normalize(bank.double(), dim=1), F.normalize(queries.double(), dim=1)
     similarity, index = (queries @ bank.T).topk(k, dim=1)  # (Q, k)
@@ -76,7 +78,7 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor,
-             num_classes: int, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+             num_classes: int | None = None, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
     """Top-1 (percent) and query count over all ranks; ``bank``/``queries`` are this rank's rows."""
     bank, bank_labels = gather_rows(bank), gather_rows(bank_labels)
     hits = torch.zeros(2, dtype=torch.float64, device=queries.device)
@@ -93,7 +95,8 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
 
 
 def knn_probe(encoder: nn.Module, train_loader: Any, eval_loader: Any, device: torch.device, dtype: torch.dtype,
-              num_classes: int, k: int = 20, temperature: float = 0.07, lockstep: bool = False) -> dict[str, float]:
+              num_classes: int | None = None, k: int = 20, temperature: float = 0.07,
+              lockstep: bool = False) -> dict[str, float]:
     """kNN top-1 of ``encoder``'s pooled features: ``train_loader`` is the labelled bank, ``eval_loader`` the
     queries (both evaluation streams: every sample once across ranks)."""
     bank, bank_labels = pooled_features(encoder, train_loader, device, dtype, lockstep)
