@@ -39,15 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_finetune_config(args.config, args.overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}\n", end="", file=sys.stderr, flush=True)  # one write: ranks' lines stay whole
         return 2
     try:
         result = finetune(cfg)
     except (ConfigError, DataError, WeightsError, UnsafeCheckpointError) as error:  # fixable by the user
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}\n", end="", file=sys.stderr, flush=True)  # one write: ranks' lines stay whole
         return 2
     except CheckpointWriteError as error:  # e.g. a full disk: every rank says so and exits, none waits
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {error}\n", end="", file=sys.stderr, flush=True)  # one write: ranks' lines stay whole
         return 1
     return 0 if result.end.reason in ("done", "max_steps", "preempted") else 1
 

@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         end = pretrain(cfg)  # raises ConfigError too, for checks that need the world size or the checkpoint
     except (ConfigError, DataError, UnsafeCheckpointError) as error:  # the user can fix these
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}\n", end="", file=sys.stderr, flush=True)  # one write: ranks' lines stay whole
         return 2
     except CheckpointWriteError as error:  # e.g. a full disk: every rank says so and exits, none waits
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {error}\n", end="", file=sys.stderr, flush=True)  # one write: ranks' lines stay whole
         return 1
     return 0 if end.reason in ("done", "max_steps", "preempted") else 1
 

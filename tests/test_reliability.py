@@ -206,8 +206,8 @@ def _launcher_cmd(out: Path, world: int, *overrides: str) -> list[str]:
             f"run.output_dir={out}", "wandb.mode=offline", "run.max_steps=300", *per_rank, *overrides]
 
 
-def _signal_after_step(proc: subprocess.Popen, step: int, victim) -> tuple[str, int | None]:
-    """Read the run's output; at the first ``step`` line send SIGTERM to ``victim(runner)``; returns the output
+def _signal_after_step(proc: subprocess.Popen, step: int, victims) -> tuple[str, int | None]:
+    """Read the run's output; at the first ``step`` line send SIGTERM to ``victims(runner)``; returns the output
     and the step it was sent after. A watchdog kills the whole run if it hangs."""
     timer = threading.Timer(LAUNCHER, kill_group, [proc])
     timer.daemon = True
@@ -219,7 +219,8 @@ def _signal_after_step(proc: subprocess.Popen, step: int, victim) -> tuple[str, 
             m = STEP_LINE.match(line)
             if m and sent_after is None and int(m[1]) >= step:
                 sent_after = int(m[1])
-                victim(psutil.Process(proc.pid)).send_signal(signal.SIGTERM)
+                for process in victims(psutil.Process(proc.pid)):
+                    process.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         timer.cancel()
@@ -234,11 +235,14 @@ def _launch_process(runner: psutil.Process) -> psutil.Process:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
-def test_sigterm_to_the_deepspeed_launcher_checkpoints_although_wandb_dies(tmp_path, world):
+@pytest.mark.parametrize("world, target", [(1, "launch"), (2, "launch"), (1, "ranks")])
+def test_sigterm_through_the_deepspeed_launcher_checkpoints_although_wandb_dies(tmp_path, world, target):
     out = tmp_path / "run"
     proc = start(_launcher_cmd(out, world))
-    text, sent_after = _signal_after_step(proc, 3, _launch_process)
+    if target == "launch":
+        text, sent_after = _signal_after_step(proc, 3, lambda runner: [_launch_process(runner)])
+    else:  # the ranks themselves: the children of launch
+        text, sent_after = _signal_after_step(proc, 3, lambda runner: _launch_process(runner).children())
     assert sent_after is not None, text[-4000:]
     # launch forwards SIGTERM to every process under it, wandb's service included; the ranks finish the step, and
     # neither wandb dying nor the signal costs the checkpoint.
@@ -248,8 +252,9 @@ def test_sigterm_to_the_deepspeed_launcher_checkpoints_although_wandb_dies(tmp_p
     assert "Traceback" not in text, text[-4000:]
     assert CheckpointManager(out / "checkpoints", 2, 0).complete_tags() == [f"step{stopped[0]:08d}"]
     assert complete_json(out, stopped[0])["world_size"] == world
-    # DeepSpeed's launch exits 1 after forwarding a SIGTERM whatever its ranks return (README, Reliability).
-    assert proc.returncode == 1
+    # DeepSpeed's launch exits 1 after forwarding a SIGTERM whatever its ranks return; signalled directly, the ranks
+    # exit 0 and so do launch and the runner (README, Reliability).
+    assert proc.returncode == (1 if target == "launch" else 0), text[-4000:]
 
 
 @pytest.mark.slow
@@ -257,7 +262,7 @@ def test_sigterm_to_the_deepspeed_runner_stops_the_orphaned_ranks_cleanly(tmp_pa
     out = tmp_path / "run"
     proc = start(_launcher_cmd(out, 1))
     # The runner dies of it and passes nothing on; the rank sees its launcher orphaned and stops as if signalled.
-    text, sent_after = _signal_after_step(proc, 3, lambda runner: runner)
+    text, sent_after = _signal_after_step(proc, 3, lambda runner: [runner])
     assert sent_after is not None and proc.returncode == -signal.SIGTERM, text[-4000:]
     assert "the deepspeed runner is gone: checkpointing at step" in text, text[-4000:]
     stopped = int(text.split("stopped at step ")[1].split()[0])
@@ -307,3 +312,42 @@ def test_a_full_disk_stops_every_rank_with_one_sentence_and_keeps_the_last_check
         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not [p for p in left if "/step00000002/" in p]  # nothing half-written
     assert '"step": 1' in result.stdout
+
+
+@pytest.mark.slow
+def test_a_write_failing_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    # The failure the free-space check cannot foresee: a write failing part way on one rank while the other has
+    # written its share and waits in DeepSpeed's closing barrier. Injected at the write call: once the first
+    # checkpoint is complete, rank 1 gets a 1 MB file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the
+    # write fails with EFBIG like a full disk's ENOSPC), and its 4 MB optimizer shard cannot be written.
+    out = tmp_path / "run"
+    proc = start(_launcher_cmd(out, 2, "run.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
+                               "wandb.mode=disabled"))
+    timer = threading.Timer(LAUNCHER, kill_group, [proc])
+    timer.daemon = True
+    timer.start()
+    lines, limited = [], False
+    started = time.monotonic()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not limited and (out / "checkpoints" / "step00000001" / "complete.json").is_file():
+                rank1 = [p for p in _launch_process(psutil.Process(proc.pid)).children()
+                         if "--local_rank=1" in p.cmdline()]
+                assert len(rank1) == 1
+                rank1[0].rlimit(psutil.RLIMIT_FSIZE, (2**20, 2**20))
+                limited = True
+        proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+        kill_group(proc)
+    text = "".join(lines)
+    print(f"write failure injected on rank 1; {time.monotonic() - started:.0f} s")
+    assert limited and proc.returncode not in (0, None), text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: checkpoint step")]
+    assert errors, text[-4000:]
+    assert all("could not be written" in line and "MB are free there" in line for line in errors), errors
+    failed = int(errors[0].split()[2].removeprefix("step"))
+    complete = CheckpointManager(out / "checkpoints", 2, 0).complete_tags()
+    assert complete == [f"step{failed - 1:08d}"]  # the one before is intact, the failed one is gone
+    assert not (out / "checkpoints" / f"step{failed:08d}").exists()
