@@ -6,7 +6,7 @@ against float64.
 
 - :class:`CPULinear`, an ``nn.Linear`` (same parameters and state dict; hooks, LoRA adapters and pruning
   parametrizations see it as one) whose forward runs oneDNN's linear for large float32 layers. On this project's
-  CPU, aten's ``addmm``/``mm`` take 1.3-2x longer than oneDNN for the model's shapes (``benchmarks/RESULTS.md``).
+  CPU, aten's ``addmm``/``mm`` take 1.1-2.3x as long as oneDNN for the model's shapes (``benchmarks/RESULTS.md``).
   ``torch.ao.quantization.quantize_dynamic`` matches module types exactly and so skips it: quantize a model
   built without ``cpu_kernels`` (same state dict).
 - :class:`WindowAttentionFunction`, window attention for eager CPU training with a hand-written backward

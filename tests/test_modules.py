@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_V1, TINY_V2, randomize_
 from torch import nn
+from torch.nn.utils import prune
 
 import simmim
 import swinv2
@@ -110,6 +111,25 @@ def test_lora_on_every_qkv_equals_the_merged_weights_in_float64(version, cpu_ker
         got, want, unadapted = lora(x), reference(x.double()), base(x.double())
     assert (want - unadapted).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["plain", "cpu-kernels"])
+def test_pruning_every_linear_equals_zeroing_the_pruned_weights(cpu_kernels):
+    """``torch.nn.utils.prune`` recomputes ``weight`` in a forward pre-hook: it takes effect only if the layer's
+    own forward reads it."""
+    model = _model("v2", cpu_kernels=cpu_kernels).eval()
+    reference = copy.deepcopy(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in linears:
+        prune.l1_unstructured(m, "weight", amount=0.5)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                reference.get_submodule(name).weight.mul_(m.weight_mask)
+        x = torch.randn(2, 3, 64, 64)
+        got, want = model(x), reference(x)
+        assert not torch.allclose(got, _model("v2")(x), atol=1e-3)  # pruning half the weights matters
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao moves to torchao
