@@ -28,8 +28,8 @@ def create_model(name: str, checkpoint=None, **overrides) -> SwinTransformer:
 
     ``overrides`` replace any constructor argument of :class:`SwinTransformer` (``img_size``, ``window_size``,
     ``pretrained_window_sizes``, ``num_classes``, ``drop_path_rate``, ``ape``, ``checkpoint_activations``,
-    ``attn_chunk_size``, ``extra_norm_every``, ...). ``checkpoint`` (a path or state dict) is loaded with
-    :func:`load_checkpoint`, adapting it to the model's size and window.
+    ``attn_chunk_size``, ``extra_norm_every``, ``fused_attn``, ``cpu_kernels``, ...). ``checkpoint`` (a path or
+    state dict) is loaded with :func:`load_checkpoint`, adapting it to the model's size and window.
     """
     if name not in VARIANTS:
         close = [n for n in VARIANTS if n.split("_")[:2] == name.split("_")[:2]] or list_models()
