@@ -20,13 +20,15 @@ CONVERT = str(ROOT / "launch" / "convert.py")
 # The first DeepSpeed start on a fresh machine JIT-builds a small op (~90 s); later starts take seconds.
 TIMEOUT = 420
 
+# The demo's held-out loss and kNN probe (tests/test_pretrain_monitors.py covers them) cost more than these tiny runs.
+NO_MONITORS = ["data.eval_urls=''", "probe.train_urls=''", "probe.eval_urls=''"]
 # The demo config shrunk to seconds on 2 CPU cores: a 4-stage SwinV2 of width 16 at 64 px, 8 images per step,
 # 10 steps per epoch and a 30-step schedule (3 warmup steps, then cosine), no DataLoader workers.
 TINY = [
     "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]",
     "data.batch_size=8", "deepspeed.global_batch=8", "data.num_workers=0", "data.samples_per_epoch=80",
     "schedule.epochs=3", "schedule.warmup_epochs=0.3", "checkpoint.every_steps=1000", "run.log_every=1",
-    "wandb.mode=disabled",
+    "wandb.mode=disabled", *NO_MONITORS,
 ]
 STEPS_PER_EPOCH, TOTAL_STEPS, WARMUP_STEPS = 10, 30, 3
 

@@ -42,7 +42,7 @@ GLOBAL_BATCH = 8
 # Small and fast, but every code path of the real model: 4 stages, shifted windows, patch merging.
 TINY = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "deepspeed.precision=fp32",
         f"deepspeed.global_batch={GLOBAL_BATCH}", "optim.base_lr=4e-3", "schedule.epochs=1",
-        "schedule.warmup_epochs=0.25"]
+        "schedule.warmup_epochs=0.25", "data.eval_urls=''", "probe.train_urls=''", "probe.eval_urls=''"]
 
 
 def fixed_batches(steps: int, img_size: int, mask_generator: MaskGenerator) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,6 +16,7 @@ import timm
 import torch
 from conftest import randomize_
 from data_helpers import labelled_shards
+from pretrain_helpers import NO_MONITORS
 from safetensors.torch import load_file, save_file
 
 import swinv2
@@ -49,7 +50,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("finetune_e2e")
     pre, ft = tmp / "pretrain", tmp / "finetune"
     run(sys.executable, "launch/pretrain.py", f"run.output_dir={pre}", "run.max_steps=10", "wandb.mode=disabled",
-        "data.num_workers=0", *ARCH, *PRETRAIN)
+        "data.num_workers=0", *NO_MONITORS, *ARCH, *PRETRAIN)
     command = [sys.executable, "launch/finetune.py", "--config", "configs/finetune/demo.yaml", f"pretrained={pre}",
                f"run.output_dir={ft}", "wandb.mode=disabled", *ARCH, *FINETUNE]
     run(*command, f"run.max_steps={3 * STEPS_PER_EPOCH}")

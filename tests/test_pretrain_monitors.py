@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from data_helpers import labelled_shards
-from pretrain_helpers import PRETRAIN, describe, pretrain_cmd, run, wandb_history
+from pretrain_helpers import NO_MONITORS, PRETRAIN, describe, pretrain_cmd, run, wandb_history
 
 from swinv2.train.config import load_config
 from swinv2.train.export import consolidated_state_dict
@@ -50,7 +50,7 @@ def test_pretraining_reports_heldout_loss_knn_and_fixed_grids(tmp_path):
 def test_demo_encoder_reaches_the_demo_fine_tune_model_bit_for_bit(tmp_path):
     out = tmp_path / "demo"
     result = run([sys.executable, PRETRAIN, f"run.output_dir={out}", "run.max_steps=3", "wandb.mode=disabled",
-                  "data.num_workers=0", "data.eval_urls=''", "probe.train_urls=''", "probe.eval_urls=''"])
+                  "data.num_workers=0", *NO_MONITORS])
     assert result.returncode == 0, describe(result)
     cfg = load_config(FinetuneConfig, "configs/finetune/demo.yaml", [f"pretrained={out}"])
     model = build_classifier(cfg.model)
