@@ -1,7 +1,7 @@
 """Does SimMIM pretraining pay off? Pretrain, then fine-tune from the pretraining and from scratch with the same
 recipe, over several seeds and the same small LR sweep for both arms; the better LR of each arm counts.
 
-    python benchmarks/simmim_vs_scratch.py                      # the demo: configs/demo.yaml -> configs/finetune/demo.yaml
+    python benchmarks/simmim_vs_scratch.py           # the demo: configs/demo.yaml, then configs/finetune/demo.yaml
     python benchmarks/simmim_vs_scratch.py --seeds 0 1 2 --lrs 1e-3 2e-3 4e-3 --jobs 2
 
 Every run goes through the real launchers (``launch/pretrain.py``, ``launch/finetune.py``), one process each,
@@ -31,7 +31,9 @@ ARMS = ("pretrained", "scratch")
 
 def launch(script: str, args: list[str], log: Path) -> str:
     """Run ``launch/<script>`` in one single-threaded process; its output is kept in ``log``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # The venv's bin first: the same ninja for DeepSpeed's op build in every process (see tests/conftest.py).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     log.write_text(result.stdout + result.stderr)

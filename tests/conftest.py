@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# DeepSpeed JIT-builds a small op with whichever `ninja` comes first on PATH. The venv's (pip) ninja and a system one
+# write incompatible build logs, so alternating between them rebuilds the op (~90 s) over and over: the tests and
+# every process they start use the venv's.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # Small stand-ins for the published variants: same code paths (shifted/clipped windows, merging, CPB), CPU-sized.
 TINY_V2 = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.0)
