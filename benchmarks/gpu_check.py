@@ -8,6 +8,8 @@
 3. SDPA against explicit attention on CUDA, per precision (fp32, bf16, fp16): a SwinV2-T/256 training step's
    loss, the largest relative gradient difference, the peak allocated memory and the median step time.
 4. ``benchmarks/model_speed.py`` in bf16 against timm (SwinV2-B/192, batch 64), with its per-attention-path rows.
+5. ``benchmarks/plan_gpu_check.py``: the planner's predicted memory and step time against SimMIM SwinV2-B and -L
+   training steps (``torch.cuda.max_memory_allocated``), to replace its stated allowance and MFU with measured ones.
 
 Each part runs in its own try (and the subprocesses under a time limit), so one failure still leaves the others'
 results. Without a GPU it writes what it can (the skipped pytest run) and says that the rest needs one.
@@ -133,6 +135,15 @@ def model_speed(out: Path) -> dict:
     return json.loads((out / "model_speed_bf16.json").read_text())
 
 
+def planner(out: Path) -> list:
+    cmd = [sys.executable, "benchmarks/plan_gpu_check.py", "--out", str(out / "plan_gpu_check.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    (out / "plan_gpu_check.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        return [{"returncode": proc.returncode}]
+    return json.loads((out / "plan_gpu_check.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check", help="folder for every result (created)")
@@ -149,9 +160,9 @@ def main() -> None:
     parts = [("cuda_tests", lambda: run_cuda_tests(out))]
     if torch.cuda.is_available():
         parts += [("bf16_vs_fp32_logits", bf16_vs_fp32_logits), ("sdpa_vs_explicit", sdpa_vs_explicit),
-                  ("model_speed_bf16", lambda: model_speed(out))]
+                  ("model_speed_bf16", lambda: model_speed(out)), ("planner", lambda: planner(out))]
     else:
-        summary["note"] = "no CUDA GPU here: the CUDA tests were skipped and parts 2-4 need a GPU"
+        summary["note"] = "no CUDA GPU here: the CUDA tests were skipped and parts 2-5 need a GPU"
     for name, part in parts:
         start = time.perf_counter()
         try:

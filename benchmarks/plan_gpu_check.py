@@ -1,0 +1,102 @@
+"""Planner against a real GPU: predicted and measured memory of SimMIM SwinV2-B and -L training steps.
+
+    python benchmarks/plan_gpu_check.py --out plan_gpu_check.json     # one GPU, about a minute
+
+For each model (192/w12, bf16, ZeRO-1 on one rank, with and without activation checkpointing) it plans the step
+with ``launch/plan.py``'s machinery, then runs three real DeepSpeed steps and reads ``torch.cuda``'s counters:
+
+- ``max_memory_allocated`` against the predicted tensors (total minus the allowance);
+- the memory outside PyTorch's tensors (CUDA context, NCCL, allocator reserve: total - free - allocated at the
+  peak) against the allowance, so ``CUDA_CONTEXT_BYTES`` and ``FRAGMENTATION`` in ``swinv2/train/plan/gpus.py``
+  can be replaced by measured values;
+- the step time against the estimate, which gives the MFU to pass as ``--mfu``.
+
+Needs a CUDA GPU; results go to ``benchmarks/RESULTS.md`` ("Planner").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from simmim.plan import simmim_recipe  # noqa: E402
+from simmim.pretrain import build_simmim  # noqa: E402
+from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
+from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
+from swinv2.train.plan.fake import cast_buffers  # noqa: E402
+from swinv2.train.plan.gpus import GPUS, Gpu  # noqa: E402
+from swinv2.train.plan.planner import Cluster  # noqa: E402
+from swinv2.train.plan.search import plan_config  # noqa: E402
+
+CONFIGS = {"base": "configs/simmim/swinv2_base_192.yaml", "large": "configs/simmim/swinv2_large_192.yaml"}
+
+
+def this_gpu() -> Gpu:
+    name = torch.cuda.get_device_name().lower()
+    like = GPUS["h200"] if "h200" in name else GPUS["h100-80gb"] if "h100" in name else GPUS["a100-80gb"]
+    return Gpu(name, torch.cuda.get_device_properties(0).total_memory, like.peak)
+
+
+def check(size: str, batch: int, checkpointing: bool) -> dict:
+    overrides = [f"data.batch_size={batch}", f"deepspeed.global_batch={batch}", "deepspeed.zero_stage=1",
+                 "deepspeed.precision=bf16", f"model.checkpoint_activations={str(checkpointing).lower()}"]
+    cfg = load_config(PretrainConfig, ROOT / CONFIGS[size], overrides)
+    cluster = Cluster(this_gpu(), world=1)
+    plan = plan_config(cfg, simmim_recipe, cluster)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    # bf16: the V2 coordinate tables in the weights' dtype, as the position-bias MLP takes them.
+    engine = build_engine(cast_buffers(build_simmim(cfg), torch.bfloat16), cfg, 1, steps_per_epoch=10)
+    times = []
+    for _ in range(3):
+        images = torch.randn(batch, 3, 192, 192, device="cuda", dtype=torch.bfloat16)
+        mask = (torch.rand(batch, 48, 48, device="cuda") < 0.6).long()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = engine(images, mask)
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    free, total = torch.cuda.mem_get_info()
+    peak = torch.cuda.max_memory_allocated()
+    outside = total - free - torch.cuda.memory_reserved()
+    memory = plan.per_rank_bytes
+    result = {
+        "model": size, "micro_batch": batch, "checkpointing": checkpointing,
+        "predicted_tensors": memory["total"] - memory["allowance"], "measured_peak_allocated": peak,
+        "predicted_allowance": memory["allowance"], "measured_reserved_minus_peak": torch.cuda.max_memory_reserved()
+        - peak, "measured_outside_pytorch": outside,
+        "predicted_compute_seconds": plan.compute_seconds, "measured_step_seconds": min(times[1:]),
+        "measured_mfu": 3 * plan.forward_flops_per_image * batch / min(times[1:]) / cluster.gpu.peak["bf16"],
+    }
+    del engine
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="plan_gpu_check.json")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: the planner's GPU check needs a CUDA GPU; run it where one is", file=sys.stderr)
+        return 2
+    init_distributed()
+    rows = [check(size, args.batch, ckpt) for size in CONFIGS for ckpt in (False, True)]
+    for row in rows:
+        print(json.dumps(row))
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
