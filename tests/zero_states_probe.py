@@ -5,9 +5,9 @@ For ZeRO 0-3 x fp32/bf16 it builds the tiny SimMIM model of the demo config, wra
 live tensor storage (found with the garbage collector, each storage once, ZeRO-3 partitions included), minus what
 was alive before the model was built. Measured after the second backward pass (weights, gradients and optimizer
 states all present) and after the second optimizer step. Writes ``{"<stage>-<precision>": {"rank0": {...},
-"rank1": {...}}}``. ZeRO-3 runs with a reduction bucket of 1e5 elements (the default 5e8 would take
-2 GB per rank here); bf16 keeps DeepSpeed's default persistence threshold (small parameters stay whole), fp32
-partitions every parameter (threshold 0).
+"rank1": {...}}}``. Every run has a gradient reduction bucket of 1e5 elements (DeepSpeed's default of 5e8
+would take 2 GB per rank here); ZeRO-3 bf16 keeps DeepSpeed's default persistence threshold (small parameters
+stay whole), ZeRO-3 fp32 partitions every parameter (threshold 0).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
 from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
 from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
+from swinv2.train.plan.fake import cast_buffers  # noqa: E402
 
 TINY = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "data.batch_size=2",
         "deepspeed.global_batch=4", "model.img_size=64"]
@@ -49,13 +50,13 @@ def live_bytes() -> int:
 def config_overrides(stage: int, precision: str) -> list[str]:
     """The overrides of one run (also used by the test to rebuild the same config for the prediction)."""
     out = [*TINY, f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
-    if stage == 3:  # a small reduction bucket (ZeRO-3 allocates it up front; the default is 5e8 elements)
-        zero = {"reduce_bucket_size": 100_000}
-        if precision == "fp32":
-            zero["stage3_param_persistence_threshold"] = 0
-        extra = Path(tempfile.gettempdir()) / f"zero3_{precision}_{os.getpid()}.json"
-        extra.write_text(json.dumps({"zero_optimization": zero}))
-        out.append(f"deepspeed.extra_json={extra}")
+    # A small gradient reduction bucket: DeepSpeed's default of 5e8 elements would take 2 GB per rank here.
+    zero = {"reduce_bucket_size": 100_000}
+    if stage == 3 and precision == "fp32":
+        zero["stage3_param_persistence_threshold"] = 0
+    extra = Path(tempfile.gettempdir()) / f"zero{stage}_{precision}_{os.getpid()}.json"
+    extra.write_text(json.dumps({"zero_optimization": zero}))
+    out.append(f"deepspeed.extra_json={extra}")
     return out
 
 
@@ -70,8 +71,8 @@ def main() -> None:
         cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", config_overrides(stage, precision))
         base = live_bytes()
         torch.manual_seed(0)
-        engine = build_engine(build_simmim(cfg), cfg, world, steps_per_epoch=10)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        engine = build_engine(cast_buffers(build_simmim(cfg), dtype), cfg, world, steps_per_epoch=10)
         measured = {}
         for step in range(2):
             images = torch.randn(2, 3, 64, 64, dtype=dtype)

@@ -58,6 +58,16 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model.train()
 
 
+def cast_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Floating buffers to ``dtype``, as ``model.to(dtype)`` casts them. DeepSpeed's bf16/fp16 engine casts only
+    the parameters, while the V2 position-bias MLP takes its coordinate table (a buffer) in the weights' dtype."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return model
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What the planner needs of a training config: the model as the run builds it and one micro batch's loss.

@@ -113,10 +113,10 @@ def model_states(model: nn.Module, cfg: Any, world: int) -> ModelStates:
 def comm_buffers(model_params: int, cfg: Any) -> int:
     """DeepSpeed's transient buffers during the backward pass, from its bucket settings (bytes per rank).
 
-    ZeRO-1/2: the gradient reduction bucket of ``reduce_bucket_size`` elements (float32 for ZeRO-1, the training
-    precision for ZeRO-2), doubled with ``overlap_comm``. ZeRO-3: the parameters it may keep gathered at once
-    (``stage3_max_live_parameters``, at most the model; its bucket is a model state). ZeRO-0 reduces in the
-    gradients' own buffers.
+    ZeRO-1/2 with ``contiguous_gradients``: a gradient reduction bucket of ``reduce_bucket_size`` elements in the
+    gradients' dtype (allocated whole, however small the model), doubled with ``overlap_comm``. ZeRO-3: the
+    parameters it may keep gathered at once (``stage3_max_live_parameters``, at most the model; its bucket is a
+    model state). ZeRO-0 reduces in the gradients' own buffers.
     """
     ds = cfg.deepspeed
     if ds.zero_stage == 0:
@@ -125,4 +125,6 @@ def comm_buffers(model_params: int, cfg: Any) -> int:
     b = BYTES[ds.precision]
     if ds.zero_stage == 3:
         return b * min(model_params, int(zero["max_live_parameters"]))
-    return int(zero["reduce_bucket_size"]) * (4 if ds.zero_stage == 1 else b) * (2 if zero["overlap_comm"] else 1)
+    if not zero["contiguous_gradients"]:
+        return 0
+    return int(zero["reduce_bucket_size"]) * b * (2 if zero["overlap_comm"] else 1)
