@@ -37,9 +37,17 @@ def test_config_loads_and_builds_on_meta(path):
     assert cfg.deepspeed.global_batch % cfg.data.batch_size == 0
 
 
-def test_giant_config_uses_zero3_and_checkpointing():
+@pytest.mark.slow  # four fake forwards of SwinV2-G
+def test_giant_config_fits_an_80gb_gpu_by_the_planner():
+    """The giant config's micro batch and ZeRO stage come from ``launch/plan.py --search`` on A100-80GB."""
+    from simmim.plan import simmim_recipe
+    from swinv2.train.plan.gpus import GPUS
+    from swinv2.train.plan.planner import Cluster
+    from swinv2.train.plan.search import plan_config
+
     cfg = load_config(PretrainConfig, next(p for p in CONFIGS if p.stem == "swinv2_giant_192"))
-    assert cfg.deepspeed.zero_stage == 3 and cfg.model.checkpoint_activations
+    plan = plan_config(cfg, simmim_recipe, Cluster(GPUS["a100-80gb"], world=128))
+    assert plan.fits and plan.max_micro_batch >= cfg.data.batch_size
 
 
 def test_overrides_apply_with_types():
