@@ -65,7 +65,8 @@ def test_a_config_that_cannot_fit_says_why_in_one_sentence():
 def test_bad_input_is_one_sentence_and_exit_2():
     for args, words in [(["--config", "nope.yaml"], "does not exist"),
                         (["--config", "configs/simmim/swinv2_tiny_192.yaml", "model.nope=1"], "model.nope"),
-                        (["--config", "configs/simmim/swinv2_tiny_192.yaml", "--gpu-memory", "-3"], "--gpu-memory")]:
+                        (["--config", "configs/simmim/swinv2_tiny_192.yaml", "--gpu-memory", "-3"], "--gpu-memory"),
+                        (["--config", "configs/simmim/swinv2_tiny_192.yaml", "--gpus", "3"], "deepspeed.global_batch")]:
         result = plan(*args)
         assert result.returncode == 2, describe(result)
         assert words in result.stderr.strip().splitlines()[-1]

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine import accumulation_steps
 from .gpus import CUDA_CONTEXT_BYTES, DEFAULT_MFU, FRAGMENTATION, INTER_NODE_GBPS, INTRA_NODE_GBPS, Gpu
 from .measure import Measured
 from .states import BYTES, ModelStates, comm_buffers
@@ -73,7 +74,8 @@ def per_rank_bytes(states: ModelStates, measured: Measured, comm: int, batch: in
         "optimizer": states.optimizer,
         "buffers": states.buffers,
         "activations": measured.activations(batch),
-        "transient": max(measured.transient(batch), comm),
+        # DeepSpeed's buckets live through the whole backward pass, next to the recompute and gradients.
+        "transient": measured.transient(batch) + comm,
     }
     tensors = sum(out.values())
     out["allowance"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensors)
@@ -116,7 +118,7 @@ def step_time(cfg: Any, measured: Measured, cluster: Cluster, micro_batch: int, 
 def make_plan(cfg: Any, measured: Measured, states: ModelStates, cluster: Cluster) -> Plan:
     """The plan of ``cfg`` as configured (its micro batch, ZeRO stage, checkpointing and chunk size)."""
     micro = cfg.data.batch_size
-    accumulation = max(1, cfg.deepspeed.global_batch // (micro * cluster.world))
+    accumulation = accumulation_steps(cfg.deepspeed.global_batch, micro, cluster.world)  # ConfigError if uneven
     comm = comm_buffers(measured.params, cfg)
     memory = per_rank_bytes(states, measured, comm, micro)
     compute, comm_s = step_time(cfg, measured, cluster, micro, accumulation)

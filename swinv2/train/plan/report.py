@@ -14,7 +14,7 @@ EXPLAIN = {
     "optimizer": "float32 master copy and AdamW moments (ZeRO-1+: this rank's partition)",
     "buffers": "model buffers (shift masks, position indices), ZeRO-3's reduction bucket",
     "activations": "saved for the backward pass of one micro batch",
-    "transient": "largest on top: one block's recompute and attention maps, or DeepSpeed's buckets",
+    "transient": "on top in the backward: one block's recompute and largest tensor, DeepSpeed's buckets",
     "allowance": f"CUDA context and NCCL ({CUDA_CONTEXT_BYTES / GIB:g} GiB) + {FRAGMENTATION:.0%} allocator slack",
 }
 
