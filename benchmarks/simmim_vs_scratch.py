@@ -6,9 +6,11 @@ recipe, over several seeds and the same small LR sweep for both arms; the better
 
 Every run goes through the real launchers (``launch/pretrain.py``, ``launch/finetune.py``), one process each,
 ``--jobs`` at a time with one thread each. Each seed pretrains its own encoder (``run.seed``) and fine-tunes both
-arms with that seed, so the spread covers pretraining and fine-tuning noise. Prints every run, then mean, standard
-deviation and range of the final top-1 per arm at its best LR, and writes ``results.json`` and ``top1.png`` (top-1
-against fine-tuning steps, both arms, mean over seeds with the range shaded) into ``--out``.
+arms with that seed, so the spread covers pretraining and fine-tuning noise. A finished pretraining already in
+``--out`` is reused (the launcher resumes it and finds nothing left to do); fine-tunes always start over. Prints
+every run, then mean, standard deviation and range of the final top-1 per arm at its best LR, and writes
+``results.json`` and ``top1.png`` (top-1 against fine-tuning steps, both arms, mean over seeds with the range
+shaded) into ``--out``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    quiet = ["wandb.mode=disabled", "resume=false"]
+    quiet = ["wandb.mode=disabled"]
     start = time.time()
 
     def pretrain(seed: int) -> Path:
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = str(out / f"pretrain_s{seed}") if arm == "pretrained" else "''"
         stdout = launch("finetune.py", ["--config", args.finetune_config, f"pretrained={weights}",
                                         f"run.output_dir={out / name}", f"run.seed={seed}", f"optim.base_lr={lr}",
-                                        "checkpoint.keep_last=1", *quiet, *args.finetune], out / f"{name}.log")
+                                        "checkpoint.keep_last=1", "resume=false", *quiet, *args.finetune],
+                        out / f"{name}.log")
         points = curve(stdout)
         if not points:
             raise RuntimeError(f"no evaluation lines in {out / name}.log")
