@@ -38,7 +38,7 @@ TAG = re.compile(r"^step(\d{8,})$")
 
 
 # Bytes per parameter of a checkpoint with AdamW: the fp32 master weights and two moments (12, ZeRO paper,
-# Rajbhandari et al. 2020, sec. 3) plus the module's own weights (at most 4); the first save's estimate.
+# arXiv 1910.02054 sec. 3) plus the module's own weights (at most 4); the first save's estimate.
 BYTES_PER_PARAMETER = 16
 
 
@@ -161,8 +161,10 @@ class CheckpointManager:
         write fails; the partial folder is removed and the previous complete checkpoint stays as it was.
         """
         tag = f"step{step:08d}"
+        if self.rank == 0:  # a folder of an earlier run (resume=false) must not count as complete while rewritten
+            (self.dir / tag / MARKER).unlink(missing_ok=True)
         need = self._bytes_needed(engine)
-        if _all_max(need - _free_bytes(self.dir)) > 0:
+        if _all_max(need - _free_bytes(self.dir)) > 0:  # also the barrier after the unlink
             raise CheckpointWriteError(self._no_room(tag, need, "not started"))
         # DeepSpeed's universal conversion needs this entry; plain data-parallel models have nothing else to declare.
         universal = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
@@ -172,6 +174,7 @@ class CheckpointManager:
                                    save_latest=False)
             _barrier()
             if self.rank == 0:
+                self.write_extras(self.dir / tag)
                 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
                 meta = {"step": step, "world_size": world, **client_state}
                 write_text_atomic(self.dir / tag / MARKER, json.dumps(meta, indent=1, default=str))
@@ -184,6 +187,9 @@ class CheckpointManager:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CheckpointWriteError(self._no_room(tag, need, f"{type(error).__name__}: {first[:160]}")) from None
         return self.dir / tag
+
+    def write_extras(self, folder: Path) -> None:
+        """Rank 0 adds its own files to a checkpoint folder before it is marked complete (e.g. the EMA weights)."""
 
     def _bytes_needed(self, engine: Any) -> int:
         """The size of the newest complete checkpoint, or an estimate from the parameter count before the first."""

@@ -43,10 +43,9 @@ class EmaCheckpointManager(CheckpointManager):
         super().__init__(directory, keep_last, rank)
         self.ema = ema
 
-    def save(self, engine: Any, step: int, client_state: dict) -> Path:
-        if self.rank == 0:  # before the checkpoint is marked complete, so a complete one always has its EMA
-            save_safetensors(full_state_dict(self.ema.module), self.dir / f"step{step:08d}" / EMA_FILE)
-        return super().save(engine, step, client_state)
+    def write_extras(self, folder: Path) -> None:
+        # Before the checkpoint is marked complete, so a complete one always has its EMA.
+        save_safetensors(full_state_dict(self.ema.module), folder / EMA_FILE)
 
     def load(self, engine: Any, point: ResumePoint) -> dict:
         from safetensors.torch import load_file
