@@ -75,8 +75,8 @@ def main() -> None:
         overrides = [f"deepspeed.zero_stage={stage}", f"data.batch_size={micro_batch}", f"optim.clip_grad={args.clip}"]
         if stage == 3:
             # ZeRO-3 keeps parameters under 1e5 elements whole by default, which is every one of this tiny model;
-            # threshold 0 partitions them all, so parameters used outside their module's own forward (V2's q/v
-            # bias, logit_scale, SimMIM's mask token) run against DeepSpeed's gathers as they would for a large model.
+            # threshold 0 partitions them all, so every parameter goes through DeepSpeed's gather and release as it
+            # would for a large model (SimMIM's mask token, used outside a module's forward, is gathered explicitly).
             extra = Path(tempfile.gettempdir()) / f"zero3_partition_all_{os.getpid()}.json"
             extra.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
             overrides.append(f"deepspeed.extra_json={extra}")
