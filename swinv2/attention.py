@@ -206,7 +206,11 @@ class WindowAttentionV2(WindowAttention):
         return torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
 
     def position_bias(self) -> torch.Tensor:
-        coords = self.relative_coords_table  # float32, or the dtype the whole model was cast to
+        # The table is a float32 buffer; DeepSpeed's bf16/fp16 engines cast parameters but not buffers, so the MLP
+        # gets its coordinates in its own parameters' dtype (none left after dynamic quantisation: keep float32).
+        coords = self.relative_coords_table
+        coords = coords.to(next((p.dtype for p in self.cpb_mlp.parameters() if p.is_floating_point()), coords.dtype))
         with torch.autocast(coords.device.type, enabled=False):  # a bias of 16 * sigmoid(.) needs the precision
             table = self.cpb_mlp(coords)
-        return 16.0 * torch.sigmoid(self.gather_bias(table))
+        table = self.gather_bias(table)
+        return 16.0 * torch.sigmoid(table.to(torch.promote_types(table.dtype, torch.float32)))

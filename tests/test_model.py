@@ -149,3 +149,26 @@ def test_hooked_outputs_are_not_overwritten_by_the_residual():
     handle.remove()
     (kept, copy), = seen
     assert torch.equal(kept, copy)  # what the hook kept is still the norm's output, not the residual sum
+
+
+def test_v2_with_bf16_parameters_and_float32_buffers_trains_like_deepspeed_casts_it():
+    # DeepSpeed's bf16 engine casts parameters, not buffers: the float32 coordinate table meets a bf16 CPB MLP.
+    model = randomize_(swinv2.create_model("swinv2_tiny_window8_256", img_size=64, **TINY_V2))
+    reference = {name: p.detach().to(torch.bfloat16).double() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    attn = model.layers[0].blocks[0].attn
+    assert attn.relative_coords_table.dtype == torch.float32
+    loss = model(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)).float().square().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.bfloat16
+                                        for p in model.parameters() if p.requires_grad)
+    # The bias is the CPB MLP of the bf16 weights, to bf16 precision (float64 recomputation of the MLP).
+    prefix = "layers.0.blocks.0.attn.cpb_mlp"
+    coords = attn.relative_coords_table.double()
+    hidden = torch.relu(coords @ reference[f"{prefix}.0.weight"].T + reference[f"{prefix}.0.bias"])
+    table = hidden @ reference[f"{prefix}.2.weight"].T
+    expected = 16 * torch.sigmoid(attn.gather_bias(table))
+    got = attn.position_bias()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, atol=0.1)
