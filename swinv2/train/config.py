@@ -119,6 +119,29 @@ class RunConfig:
 
 
 @dataclass
+class PretrainEvalConfig:
+    """Held-out monitors of a pretraining run, every ``every_steps`` steps and at the end (0: only at the end).
+
+    The held-out reconstruction loss runs on ``data.eval_urls`` (unlabelled is fine) with one fixed mask per image;
+    the first ``num_images`` held-out images are shown as a reconstruction grid each time.
+    """
+
+    every_steps: int = 0
+    num_images: int = 8
+
+
+@dataclass
+class ProbeConfig:
+    """kNN probe of the encoder's pooled features (k = 20, cosine, votes weighted by exp(similarity / 0.07)):
+    ``train_urls`` is the labelled bank, ``eval_urls`` the labelled queries; off while either is empty."""
+
+    train_urls: str = ""
+    eval_urls: str = ""
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
 class PretrainConfig:
     """Everything ``launch/pretrain.py`` needs (SimMIM pretraining)."""
 
@@ -131,6 +154,8 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
 
 
@@ -207,6 +232,14 @@ def check(cfg: Any) -> None:
         need(0 < sm.mask_ratio < 1, "simmim.mask_ratio must be in (0, 1)")
         need(sm.norm_target_patch_size == 0 or sm.norm_target_patch_size % 2 == 1,
              "simmim.norm_target_patch_size must be odd (47 in the recipe) or 0 for plain pixels")
+    if hasattr(cfg, "probe"):
+        pr = cfg.probe
+        need(bool(pr.train_urls) == bool(pr.eval_urls), "probe.train_urls and probe.eval_urls go together: set both "
+             "(labelled shards) or neither")
+        need(pr.k > 0 and pr.temperature > 0, "probe.k and probe.temperature must be positive")
+    if hasattr(cfg, "eval") and hasattr(cfg, "simmim"):
+        need(cfg.eval.every_steps >= 0 and cfg.eval.num_images >= 0,
+             "eval.every_steps and eval.num_images must be non-negative")
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 
