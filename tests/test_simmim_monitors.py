@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,15 @@ def test_heldout_transform_centre_crops_after_resizing_the_shorter_side():
     small = HeldOutTransform(32)(image)  # halved, then the centre 32 of 48 columns
     expected = np.asarray(image.resize((48, 32), Image.Resampling.BILINEAR))[:, 8:40]
     assert torch.equal(small, torch.from_numpy(np.ascontiguousarray(expected)).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("probe.eval_urls=''", "probe.train_urls and probe.eval_urls go together"),
+    ("probe.k=0", "probe.k and probe.temperature must be positive"),
+    ("eval.every_steps=-1", "eval.every_steps and eval.num_images must be non-negative"),
+])
+def test_bad_monitor_settings_are_one_sentence(override, needle):
+    from swinv2.train.config import ConfigError, PretrainConfig, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [override])
