@@ -1,5 +1,6 @@
-"""Fine-tuning and evaluation: the recipe defaults against SPEC section 4; every fine-tune config builds at its
-window; layer-wise LR decay of a fine-tune config against the SPEC formula; exact evaluation counts and metrics;
+"""Fine-tuning and evaluation: the recipe defaults against the SimMIM paper's (arXiv 2111.09886 sec. 4.1); every
+fine-tune config builds at its window; layer-wise LR decay of a fine-tune config against the layer-decay formula
+written out; exact evaluation counts and metrics;
 the best-checkpoint keeper; Mixup/label-smoothing losses against hand formulas; an authors'-layout SimMIM
 checkpoint into a classifier at twice the resolution. The end-to-end and distributed runs are in
 tests/test_finetune_e2e.py."""
@@ -98,7 +99,7 @@ def test_layer_decay_of_the_fine_tune_optimizer_follows_the_spec_formula():
     depths, decay = (2, 2, 6, 2), 0.75
     num_layers = sum(depths) + 2
 
-    def spec_layer(name: str) -> int:  # SPEC section 3, written out by name
+    def spec_layer(name: str) -> int:  # the layer-decay rule (README, Fine-tuning), written out by name
         parts = name.split(".")
         if parts[0] == "patch_embed":
             return 0
@@ -219,7 +220,7 @@ def test_missing_pretrained_weights_are_one_sentence(tmp_path):
 
 
 def _coords_max(window: int, pretrained: int) -> float:
-    """SPEC section 2: the largest offset (window - 1) over (pretrained - 1), times 8, log-spaced."""
+    """Swin V2 arXiv 2111.09883 sec. 3.3: the largest offset (window - 1) / (pretrained - 1), times 8, log-spaced."""
     t = (window - 1) / (pretrained - 1) * 8
     return math.log2(1 + t) / math.log2(8)
 

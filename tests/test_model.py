@@ -6,7 +6,7 @@ from conftest import TINY_V2, randomize_
 
 import swinv2
 
-# SPEC table (1k head), millions of parameters; H and G are the paper's approximate sizes.
+# The Swin V2 paper's table (arXiv 2111.09883, 1k head), millions of parameters; H and G: its approximate sizes.
 PARAM_COUNTS = {
     "swinv2_tiny_window8_256": (28.35, 0.005),
     "swinv2_small_window8_256": (49.73, 0.005),

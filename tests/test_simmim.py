@@ -1,4 +1,5 @@
-"""SimMIM masks, model, loss and normalised target, each against an independent reference (SPEC sec. 4)."""
+"""SimMIM masks, model, loss and normalised target, each against an independent reference (SimMIM arXiv
+2111.09886 sec. 3-4)."""
 
 import math
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     "input_size, mask_patch, model_patch, ratio, masked, cells, tokens",
     [
-        (192, 32, 4, 0.6, 22, 36, (48, 48)),  # SPEC: ceil(36 * 0.6) = 22 of a 6x6 grid, 48x48 tokens
+        (192, 32, 4, 0.6, 22, 36, (48, 48)),  # the SimMIM setting: ceil(36 * 0.6) = 22 of a 6x6 grid, 48x48 tokens
         (320, 32, 4, 0.55, 55, 100, (80, 80)),  # 100 * 0.55 is 55.00000000000001 in floats: 55, not 56
         ((96, 64), 16, 4, 0.5, 12, 24, (24, 16)),
         (64, 16, 2, 0.75, 12, 16, (32, 32)),

@@ -1,5 +1,6 @@
 """Training set-up: every shipped config loads and builds; config errors; no-decay and layer-decay groups against
-hand-derived sets (SPEC sections 2-3); the LR schedule against hand-computed values; DeepSpeed config derivation."""
+hand-derived sets (Swin V2 and SimMIM papers, README); the LR schedule against hand-computed values; DeepSpeed
+config derivation."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_no_weight_decay_set_v2_simmim():
     model = SimMIM(swinv2.create_model("swinv2_tiny_window8_256", num_classes=0, img_size=64, window_size=4,
                                        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)))
     expected = set()
-    for name, p in model.named_parameters():  # the SPEC list, written out independently by name
+    for name, p in model.named_parameters():  # the no-decay list (README), written out independently by name
         leaf = name.rsplit(".", 1)[-1]
         if p.ndim == 1 or leaf in ("logit_scale", "mask_token") or ".cpb_mlp." in name:
             expected.add(name)
@@ -109,7 +110,7 @@ def test_layer_decay_groups_follow_the_spec_formula_for_v2_tiny():
     num_layers = sum(depths) + 2
     decay = 0.75
 
-    def spec_layer(name: str) -> int:  # SPEC section 3, by name
+    def spec_layer(name: str) -> int:  # the layer-decay rule (README, Fine-tuning), by name
         if name.startswith(("patch_embed", "absolute_pos_embed", "mask_token")):
             return 0
         if name.startswith("layers."):

@@ -1,8 +1,9 @@
 """The training configuration: typed dataclass sections merged from YAML and ``key=value`` overrides (OmegaConf).
 
-Defaults are the SwinV2 SimMIM recipe (SPEC section 4: AdamW 0.9/0.999, wd 0.05, base LR 1e-4 per 512 images,
-10 warmup epochs from 5e-7, step decay x0.1 at epoch 700 of 800, clip 5.0, normalised target 47), so a config
-file only states what differs. Unknown keys and wrong types fail at start-up with the key's name.
+Defaults are the SwinV2 SimMIM recipe (SimMIM arXiv 2111.09886 sec. 4.1, Swin V2 arXiv 2111.09883 sec. 4.1):
+AdamW 0.9/0.999, wd 0.05, base LR 1e-4 per 512 images, 10 warmup epochs from 5e-7, step decay x0.1 at epoch 700 of
+800, clip 5.0, normalised target 47; a config file only states what differs. Unknown keys and wrong types fail at
+start-up with the key's name.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     clip_grad: float = 5.0  # 0: no clipping
-    layer_decay: float = 1.0  # fine-tuning: layer-wise LR decay (SPEC section 3); 1.0 is off
+    layer_decay: float = 1.0  # fine-tuning: layer-wise LR decay (README, Fine-tuning); 1.0 is off
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The fine-tuning configuration: the shared sections of :mod:`swinv2.train.config` with classification defaults.
 
-Defaults are the SimMIM fine-tuning recipe for SwinV2-B at 224/w14 from a 192/w12 pretraining (SPEC section 4;
-SimMIM arXiv 2111.09886 sec. 4.1, Swin V2 arXiv 2111.09883 sec. 3.3): AdamW, LR 1.25e-3 per 512 images (scaled
+Defaults are the SimMIM fine-tuning recipe for SwinV2-B at 224/w14 from a 192/w12 pretraining
+(SimMIM arXiv 2111.09886 sec. 4.1, Swin V2 arXiv 2111.09883 sec. 3.3): AdamW, LR 1.25e-3 per 512 images (scaled
 linearly by the global batch, as the authors' code does) with warmup and minimum 2.5e-7, weight decay 0.05,
 layer decay 0.75, 100 epochs with 20 of warmup then cosine, drop path 0.1, label smoothing 0.1, Mixup 0.8,
 CutMix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, clip 5.0, global batch 2048.
@@ -32,8 +32,8 @@ class ClassifierConfig(ModelConfig):
     """The classifier to fine-tune: a ``swinv2.create_model`` name rebuilt at ``img_size`` and ``window_size``.
 
     ``pretrained_window_sizes`` (per stage) are the windows the weights were pretrained with; Swin V2 divides its
-    relative coordinates by them so the CPB MLP extrapolates to the new window (SPEC section 3). At 192 px,
-    window 12, stage 4 is 6x6, hence (12, 12, 12, 6).
+    relative coordinates by them so the CPB MLP extrapolates to the new window (Swin V2 arXiv 2111.09883
+    sec. 3.3). At 192 px, window 12, stage 4 is 6x6, hence (12, 12, 12, 6).
     """
 
     name: str = "swinv2_base_window12_192"
