@@ -22,7 +22,7 @@ from swinv2.train.evaluate import lockstep_batches
 from swinv2.windows import to_2tuple
 
 from .masking import MaskGenerator
-from .model import SimMIM, pixel_mask
+from .model import SimMIM
 from .transforms import _to_rgb, normalize_images
 
 
@@ -94,8 +94,7 @@ def heldout_loss(model: SimMIM, loader: Any, mask_generator: MaskGenerator, devi
             images = normalize_images(batch["image"].to(device, non_blocking=True), dtype)
             masks = key_masks(mask_generator, batch["key"]).to(device)
             pred = model.predict(images, masks)
-            weight = pixel_mask(masks, model.patch_size).to(torch.float32)
-            error = (model.target(images).float() - pred.float()).abs_().mul_(weight)
+            error, weight = model.masked_error(images, masks, pred)
             sums += torch.stack([error.sum(dtype=torch.float64), weight.sum(dtype=torch.float64) * model.in_chans,
                                  torch.tensor(float(len(images)), dtype=torch.float64, device=device)])
             if not kept:

@@ -161,12 +161,17 @@ class SimMIM(nn.Module):
         mean, std = local_stats(images, self.norm_target_patch_size)
         return (pred * std + mean).to(images.dtype)
 
+    def masked_error(self, images: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``|target - pred| * M`` per pixel and the pixel mask M, in float32 (what the loss sums, sec. 3.3)."""
+        pred = pred.float()  # the sums over millions of pixels need float32
+        weight = pixel_mask(mask, self.patch_size).to(pred.dtype)
+        return torch.abs(self.target(images).float() - pred) * weight, weight
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scalar loss: ``sum(|target - pred| * M) / (sum(M) + 1e-5) / in_chans``, M the pixel mask (sec. 3.3)."""
-        pred = self.predict(images, mask).float()  # the sum over millions of pixels needs float32
-        target = self.target(images).float()
-        weight = pixel_mask(mask, self.patch_size).to(pred.dtype)
-        return (torch.abs(target - pred) * weight).sum() / (weight.sum() + LOSS_EPS) / self.in_chans
+        error, weight = self.masked_error(images, mask, self.predict(images, mask))
+        return error.sum() / (weight.sum() + LOSS_EPS) / self.in_chans
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, in_chans={self.in_chans}, norm_target_patch_size={self.norm_target_patch_size}"
