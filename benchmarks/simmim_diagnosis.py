@@ -3,7 +3,7 @@ not pay off on the demo (benchmarks/RESULTS.md, "Does SimMIM pretraining pay off
 
 Not the framework's launcher: plain AdamW with the demo recipe's shape (LR with layer decay from
 ``swinv2.train.optim.param_groups``, 10 % warmup then cosine, label smoothing 0.1, clipping 5), images decoded once
-and cached in ``runs/diagnosis_data.pt``, crop + flip augmentation in torch, one thread. Prints top-1 on
+and cached in ``runs/diagnosis_data_v<demo version>.pt``, crop + flip augmentation in torch, one thread. Prints top-1 on
 ``demo:val`` at four points of the run.
 
     OMP_NUM_THREADS=1 python benchmarks/simmim_diagnosis.py --steps 400                     # from scratch
@@ -29,10 +29,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import swinv2  # noqa: E402
+from swinv2.data import demo  # noqa: E402
 from swinv2.train.optim import param_groups  # noqa: E402
 from swinv2.train.weights import load_pretrained  # noqa: E402
 
-CACHE = Path("runs/diagnosis_data.pt")
+CACHE = Path(f"runs/diagnosis_data_v{demo.VERSION}.pt")  # the demo set's version: v1 and v2 differ
 DEMO = dict(img_size=64, window_size=4, embed_dim=32, depths=[2, 2, 4, 2], num_heads=[2, 4, 8, 16], num_classes=10)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
