@@ -6,6 +6,11 @@ masked with a mask drawn from a seed derived from its sample key (SHA-256 of the
 the same mask in every evaluation, on any number of ranks and workers. The loss is SimMIM's (arXiv 2111.09886
 sec. 3.3) summed over all held-out images: ``sum |target - prediction| * M / (sum M * channels)``. Every image is
 read exactly once across ranks (the ``"heldout"`` evaluation stream); the sums are all-reduced at the end.
+
+Beside it, the same sum for a prediction of zero everywhere (``zero_loss``): the mean of the normalised target,
+or for the plain target the data set's mean colour. A run whose held-out loss sits at that value has learnt
+nothing but to predict the mean, a failure the training loss does not show (benchmarks/RESULTS.md, "Does SimMIM
+pretraining pay off on the demo?").
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class HeldOutResult:
 
     loss: float
     count: int
+    zero_loss: float  # the loss of predicting zero everywhere (the target's mean): the level of a collapsed model
     images: torch.Tensor
     masks: torch.Tensor
     reconstructions: torch.Tensor
@@ -81,7 +87,8 @@ def heldout_loss(model: SimMIM, loader: Any, mask_generator: MaskGenerator, devi
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # sum |t - p| * M, sum M * channels, images
+    # sum |t - p| * M, sum M * channels, images, sum |t - 0| * M
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     kept: tuple[torch.Tensor, ...] = ()
 
     def dry_forward() -> None:
@@ -95,8 +102,10 @@ def heldout_loss(model: SimMIM, loader: Any, mask_generator: MaskGenerator, devi
             masks = key_masks(mask_generator, batch["key"]).to(device)
             pred = model.predict(images, masks)
             error, weight = model.masked_error(images, masks, pred)
+            zero_error, _ = model.masked_error(images, masks, torch.zeros_like(pred))
             sums += torch.stack([error.sum(dtype=torch.float64), weight.sum(dtype=torch.float64) * model.in_chans,
-                                 torch.tensor(float(len(images)), dtype=torch.float64, device=device)])
+                                 torch.tensor(float(len(images)), dtype=torch.float64, device=device),
+                                 zero_error.sum(dtype=torch.float64)])
             if not kept:
                 n = min(keep, len(images))
                 kept = (images[:n].float(), masks[:n], model.to_input_space(images[:n], pred[:n]).float())
@@ -104,10 +113,10 @@ def heldout_loss(model: SimMIM, loader: Any, mask_generator: MaskGenerator, devi
         model.train(was_training)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
-    error_sum, weight_sum, count = sums.tolist()
+    error_sum, weight_sum, count, zero_sum = sums.tolist()
     if count == 0:
         raise ValueError("the held-out set is empty on every rank: check data.eval_urls")
     if not kept:
         empty = torch.zeros(0)
         kept = (empty, empty, empty)
-    return HeldOutResult(error_sum / weight_sum, int(count), *kept)
+    return HeldOutResult(error_sum / weight_sum, int(count), zero_sum / weight_sum, *kept)

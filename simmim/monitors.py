@@ -68,7 +68,9 @@ class PretrainMonitors:
                 result = heldout_loss(model, self.heldout, self.mask_generator, device, dtype, lockstep,
                                       keep=self.cfg.eval.num_images)
             metrics["eval/heldout_loss"] = result.loss
-            parts.append(f"held-out loss {result.loss:.4f} ({result.count} images)")
+            metrics["eval/heldout_loss_zero"] = result.zero_loss
+            parts.append(f"held-out loss {result.loss:.4f} ({result.count} images; predicting zero "
+                         f"{result.zero_loss:.4f})")
             if len(result.images):
                 grid = reconstruction_grid(result.images, result.masks, result.reconstructions)
                 tracker.image("heldout_reconstruction", grid, step)

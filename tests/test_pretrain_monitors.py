@@ -19,7 +19,7 @@ from swinv2.train.weights import build_classifier, load_pretrained
 
 pytestmark = pytest.mark.slow
 
-EVAL_LINE = re.compile(r"^eval step (\d+): held-out loss (\S+) \((\d+) images\), "
+EVAL_LINE = re.compile(r"^eval step (\d+): held-out loss (\S+) \((\d+) images; predicting zero (\S+)\), "
                        r"kNN top-1 (\S+) \((\d+) queries, k=5\)$")
 
 
@@ -36,12 +36,14 @@ def test_pretraining_reports_heldout_loss_knn_and_fixed_grids(tmp_path):
     evals = [EVAL_LINE.match(line) for line in result.stdout.splitlines() if line.startswith("eval step")]
     assert all(evals), describe(result)
     assert [int(m[1]) for m in evals] == [0, 2, 4, 5]  # the start, every 2 steps, the last step
-    assert {(int(m[3]), int(m[5])) for m in evals} == {(7, 9)}  # every held-out image and query, once
+    assert {(int(m[3]), int(m[6])) for m in evals} == {(7, 9)}  # every held-out image and query, once
+    assert len({m[4] for m in evals}) == 1  # predicting zero: a property of the images and masks, not the weights
     history = wandb_history(next((out / "wandb").glob("offline-run-*/run-*.wandb")))
     for m in evals:
         logged = history[int(m[1])]
         assert logged["eval/heldout_loss"] == pytest.approx(float(m[2]), rel=1e-3)
-        assert logged["eval/knn_top1"] == pytest.approx(float(m[4]), abs=0.01)
+        assert logged["eval/knn_top1"] == pytest.approx(float(m[5]), abs=0.01)
+        assert logged["eval/heldout_loss_zero"] == pytest.approx(float(m[4]), rel=1e-3)
         assert 0 <= logged["eval/knn_top1"] <= 100 and logged["eval/heldout_loss"] > 0
     for step in (0, 2, 4, 5):
         assert (out / "images" / f"heldout_reconstruction_{step:08d}.png").is_file()

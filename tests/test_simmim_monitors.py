@@ -111,7 +111,7 @@ def _heldout_on_rank(rank: int, world: int, urls: list[str]) -> dict:
     cfg = DataConfig(eval_urls="::".join(urls), batch_size=3, num_workers=0)
     loader = build_loader(cfg, "heldout", HeldOutTransform(32), rank=rank, world_size=world)
     result = heldout_loss(model, loader, generator, torch.device("cpu"), keep=2)
-    return {"loss": result.loss, "count": result.count, "kept": len(result.images)}
+    return {"loss": result.loss, "count": result.count, "kept": len(result.images), "zero": result.zero_loss}
 
 
 def test_heldout_loss_equals_a_direct_float64_computation_on_one_and_two_ranks(tmp_path):
@@ -133,13 +133,16 @@ def test_heldout_loss_equals_a_direct_float64_computation_on_one_and_two_ranks(t
         pred = model64.predict(x, masks)
     weight = pixel_mask(masks, 4).double()
     direct = ((local_normalize(x, 7) - pred).abs() * weight).sum() / (weight.sum() * 3)
+    zero = (local_normalize(x, 7).abs() * weight).sum() / (weight.sum() * 3)  # the collapsed model's level
 
     one = _heldout_on_rank(0, 1, urls)
     assert one["count"] == sum(SIZES) and one["kept"] == 2
     assert one["loss"] == pytest.approx(direct.item(), rel=1e-5)
+    assert one["zero"] == pytest.approx(zero.item(), rel=1e-5) and abs(one["zero"] - one["loss"]) > 1e-3
     two = run_ranks(_heldout_on_rank, 2, tmp_path / "ranks", urls)
     assert [r["count"] for r in two] == [sum(SIZES)] * 2
     assert two[0]["loss"] == two[1]["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two[0]["zero"] == two[1]["zero"] == pytest.approx(one["zero"], rel=1e-6)
 
 
 def test_heldout_masks_are_fixed_per_image_and_differ_between_images():
