@@ -10,6 +10,8 @@ and cached in ``runs/diagnosis_data_v<demo version>.pt``, crop + flip augmentati
     OMP_NUM_THREADS=1 python benchmarks/simmim_diagnosis.py --steps 400 --init runs/demo     # from a pretraining
     ... --init runs/demo --reset cpb_mlp,norm1,norm2    # those tensors back to their initial values
     ... --init runs/demo --perturb                       # init + a random change of the pretraining's size
+    ... --init runs/inprocess/v2_norm.safetensors --per-class 30   # an in-process pretraining, 30 labels per class
+    ... --gray                                           # every image in grey (the same in all three channels)
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def demo_pixels() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def demo_pixels(gray: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """uint8 train images at 72 px (random 64 px crops) and val images at 64 px (centre crop), with labels."""
+    if gray:
+        return {split: (x.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous(), y)
+                for split, (x, y) in demo_pixels().items()}
     if CACHE.is_file():
         return torch.load(CACHE, weights_only=True)  # our own cache
     import webdataset as wds
@@ -88,17 +93,22 @@ def starting_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default="", help="pretraining run directory (default: from scratch)")
+    parser.add_argument("--init", default="", help="pretraining run directory or weights file (default: from scratch)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--layer-decay", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reset", default="", help="comma-separated name parts of tensors to reset to their init")
     parser.add_argument("--perturb", action="store_true")
+    parser.add_argument("--per-class", type=int, default=0, help="fine-tune on the first N labelled images per class")
+    parser.add_argument("--gray", action="store_true", help="grey images (the mean of the channels, in all three)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = demo_pixels()
+    data = demo_pixels(gray=args.gray)
     (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
+    if args.per_class:
+        keep = torch.cat([torch.nonzero(train_y == c).flatten()[:args.per_class] for c in range(10)])
+        train_x, train_y = train_x[keep], train_y[keep]
     model = starting_model(args)
     groups = param_groups(model, 0.05, args.layer_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=args.lr)
@@ -134,6 +144,7 @@ def main() -> None:
         if step % (args.steps // 4) == 0:
             curve.append((step, round(loss.item(), 3), top1()))
     print(f"init={args.init or 'scratch'} reset={args.reset} perturb={args.perturb} lr={args.lr} seed={args.seed} "
+          f"per_class={args.per_class or 'all'} gray={args.gray} "
           f"(step, loss, top-1)={curve} {time.time() - start:.0f} s", flush=True)
 
 
