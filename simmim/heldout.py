@@ -7,8 +7,8 @@ the same mask in every evaluation, on any number of ranks and workers. The loss 
 sec. 3.3) summed over all held-out images: ``sum |target - prediction| * M / (sum M * channels)``. Every image is
 read exactly once across ranks (the ``"heldout"`` evaluation stream); the sums are all-reduced at the end.
 
-Beside it, the same sum for a prediction of zero everywhere (``zero_loss``): the mean of the normalised target,
-or for the plain target the data set's mean colour. A run whose held-out loss sits at that value has learnt
+Beside it, the same sum for a prediction of zero everywhere (``zero_loss``): the mean of the locally normalised
+target, or for the plain target the ImageNet mean colour. A run whose held-out loss sits at that value has learnt
 nothing but to predict the mean, a failure the training loss does not show (benchmarks/RESULTS.md, "Does SimMIM
 pretraining pay off on the demo?").
 """
@@ -72,7 +72,7 @@ class HeldOutResult:
 
     loss: float
     count: int
-    zero_loss: float  # the loss of predicting zero everywhere (the target's mean): the level of a collapsed model
+    zero_loss: float  # the loss of predicting zero everywhere: the level of a model that learnt only the mean
     images: torch.Tensor
     masks: torch.Tensor
     reconstructions: torch.Tensor
