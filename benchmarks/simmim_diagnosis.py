@@ -41,6 +41,29 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> ImageNet-normalised float32."""
+    return (images.float() / 255 - MEAN) / STD
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
+    """10 % linear warmup, then cosine to zero (floored at 1e-6), times each group's layer-decay scale."""
+    warmup = max(1, steps // 10)
+    factor = step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = max(1e-6, lr * factor) * group["lr_scale"]
+
+
+def random_batch(images: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, crops)``: ``size`` images drawn with replacement, one random 64 px crop offset, half flipped."""
+    index = torch.randint(len(images), (size,), generator=gen)
+    dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
+    crops = images[index][:, :, dy:dy + 64, dx:dx + 64]
+    if torch.rand(1, generator=gen).item() < 0.5:
+        crops = crops.flip(3)
+    return index, crops
+
+
 def demo_pixels(gray: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """uint8 train images at 72 px (random 64 px crops) and val images at 64 px (centre crop), with labels."""
     if gray:
@@ -113,30 +136,20 @@ def main() -> None:
     groups = param_groups(model, 0.05, args.layer_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=args.lr)
     gen = torch.Generator().manual_seed(1000 + args.seed)
-    warmup = max(1, args.steps // 10)
 
     def top1() -> float:
         model.eval()
         with torch.no_grad():
-            hits = sum(int((model((val_x[i:i + 250].float() / 255 - MEAN) / STD).argmax(1) == val_y[i:i + 250]).sum())
+            hits = sum(int((model(normalise(val_x[i:i + 250])).argmax(1) == val_y[i:i + 250]).sum())
                        for i in range(0, len(val_y), 250))
         model.train()
         return 100 * hits / len(val_y)
 
     start, curve = time.time(), []
     for step in range(1, args.steps + 1):
-        if step <= warmup:
-            factor = step / warmup
-        else:
-            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (args.steps - warmup)))
-        for group in optimizer.param_groups:
-            group["lr"] = max(1e-6, args.lr * factor) * group["lr_scale"]
-        index = torch.randint(len(train_y), (32,), generator=gen)
-        dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
-        images = train_x[index][:, :, dy:dy + 64, dx:dx + 64]
-        if torch.rand(1, generator=gen).item() < 0.5:
-            images = images.flip(3)
-        loss = F.cross_entropy(model((images.float() / 255 - MEAN) / STD), train_y[index], label_smoothing=0.1)
+        set_lr(optimizer, args.lr, step, args.steps)
+        index, images = random_batch(train_x, 32, gen)
+        loss = F.cross_entropy(model(normalise(images)), train_y[index], label_smoothing=0.1)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -17,7 +17,6 @@ loss, the blocks' mean post-norm gain |w| and a kNN probe (k 20, T 0.07, pooled 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simmim_diagnosis import DEMO, MEAN, STD, demo_pixels  # noqa: E402
+from simmim_diagnosis import DEMO, demo_pixels, normalise, random_batch, set_lr  # noqa: E402
 
 import swinv2  # noqa: E402
 from simmim import MaskGenerator, SimMIM  # noqa: E402
@@ -60,9 +59,6 @@ def main() -> None:
     masks = MaskGenerator(64, args.mask_patch, 4, 0.6)
     gen = torch.Generator().manual_seed(args.seed + 7)
 
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - MEAN) / STD
-
     def knn_top1() -> float:
         encoder.eval()
         with torch.no_grad():
@@ -77,20 +73,11 @@ def main() -> None:
         gains = [m.weight.abs().mean().item() for n, m in encoder.named_modules() if n.endswith(("norm1", "norm2"))]
         return sum(gains) / len(gains)
 
-    warmup, losses, start = max(1, args.steps // 10), [], time.time()
+    losses, start = [], time.time()
     print(f"{args.name} step 0 kNN {knn_top1():.1f}", flush=True)
     for step in range(1, args.steps + 1):
-        if step <= warmup:
-            factor = step / warmup
-        else:
-            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (args.steps - warmup)))
-        for group in optimizer.param_groups:
-            group["lr"] = max(1e-6, args.lr * factor) * group["lr_scale"]
-        index = torch.randint(len(train_x), (16,), generator=gen)
-        dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
-        images = train_x[index][:, :, dy:dy + 64, dx:dx + 64]
-        if torch.rand(1, generator=gen).item() < 0.5:
-            images = images.flip(3)
+        set_lr(optimizer, args.lr, step, args.steps)
+        _, images = random_batch(train_x, 16, gen)
         mask = torch.stack([masks(generator=gen) for _ in range(16)])
         loss = model(normalise(images), mask)
         optimizer.zero_grad()
