@@ -13,6 +13,7 @@ import torch
 
 import swinv2
 from swinv2.data import build_loader
+from swinv2.flops import ImageFlops, image_flops
 from swinv2.train.checkpointing import CheckpointManager
 from swinv2.train.config import PretrainConfig, to_dict
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed
@@ -40,6 +41,16 @@ def build_simmim(cfg: PretrainConfig) -> SimMIM:
             options[key] = list(value) if isinstance(value, (list, tuple)) else value
     encoder = swinv2.create_model(m.name, **options)
     return SimMIM(encoder, norm_target_patch_size=cfg.simmim.norm_target_patch_size or None)
+
+
+def simmim_flops(cfg: PretrainConfig) -> ImageFlops:
+    """Forward FLOPs per image of the config's SimMIM model (encoder, decoder and loss), counted on fake tensors."""
+    size, grid = cfg.model.img_size, cfg.model.img_size // 4
+
+    def forward(model: SimMIM, batch: int) -> torch.Tensor:
+        return model(torch.empty(batch, 3, size, size), torch.zeros(batch, grid, grid, dtype=torch.long))
+
+    return image_flops(lambda: build_simmim(cfg), forward)
 
 
 def pretrain(cfg: PretrainConfig) -> LoopEnd:
@@ -88,6 +99,7 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
         engine, loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
         tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
         client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=after_step,
+        run=cfg.run, flops=simmim_flops(cfg),
     )
     tracker.print(f"stopped at step {end.step} ({end.reason}); checkpoints in {checkpoints.dir}, "
                   f"reconstructions in {out / 'images'}")

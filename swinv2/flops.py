@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,7 +77,8 @@ def image_flops(build: Callable[[], nn.Module], forward: Callable[[nn.Module, in
     """
     from .train.plan.fake import fake_cuda
 
-    with fake_cuda():
+    # fork_rng: building the model draws its initial weights; the caller's random stream must not move.
+    with torch.random.fork_rng(devices=[]), fake_cuda():
         model = build()
         one, _ = count_flops(model, lambda m: forward(m, 1))
         two, _ = count_flops(model, lambda m: forward(m, 2))

@@ -22,6 +22,7 @@ from ..data.config import DataConfig
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("multistep", "cosine")
 WANDB_MODES = ("online", "offline", "disabled")
+NONFINITE_ACTIONS = ("stop", "skip", "rollback")
 
 
 @dataclass
@@ -117,6 +118,13 @@ class RunConfig:
     max_steps: int = 0  # 0: the whole schedule; otherwise stop (and checkpoint) after this many steps
     log_every: int = 20
     image_every: int = 500  # reconstruction grid to wandb and PNG every this many steps (0: only at the end)
+    compile: bool = False  # torch.compile the model for training
+    tf32: bool = True  # fp32 runs on CUDA use TF32 matmuls and convolutions
+    profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch profiler trace of steps a..b
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (or measured on the CPU)
+    on_nonfinite: str = "stop"  # a non-finite loss: stop, skip the step's update, or rollback to the last checkpoint
+    max_rollbacks: int = 3  # rollbacks before a non-finite loss stops the run anyway
+    slurm_requeue: bool | None = None  # scontrol requeue after the preemption checkpoint; None: if sbatch --requeue
 
 
 @dataclass
@@ -216,6 +224,14 @@ def check(cfg: Any) -> None:
         need(sc.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
         need(sc.epochs > 0, "schedule.epochs must be positive")
         need(0 <= sc.warmup_epochs <= sc.epochs, "schedule.warmup_epochs must be between 0 and schedule.epochs")
+    if hasattr(cfg, "run"):
+        run = cfg.run
+        need(run.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}")
+        need(run.max_rollbacks >= 0, "run.max_rollbacks must be non-negative")
+        need(run.peak_tflops >= 0, "run.peak_tflops must be non-negative (0: from the GPU's name)")
+        steps = list(run.profile_steps)
+        need(not steps or (len(steps) == 2 and 0 < steps[0] <= steps[1]),
+             f"run.profile_steps={steps} must be [first, last] with 0 < first <= last (or [])")
     if hasattr(cfg, "wandb"):
         need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode must be one of {', '.join(WANDB_MODES)}")
     if hasattr(cfg, "optim"):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..data import build_loader
+from ..flops import ImageFlops, image_flops
 from .checkpointing import CheckpointManager
 from .config import to_dict
 from .engine import accumulation_steps, build_engine, init_distributed
@@ -153,7 +154,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         engine, train_loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
         tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
         client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=update_ema,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end, run=cfg.run, flops=classifier_flops(cfg),
     )
     if end.reason != "preempted" and end.step > start_step and last.get("step") != end.step:  # the final one
         run_eval(round(end.step / epoch_steps, 3), end.step)
@@ -161,6 +162,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                   f"{out / 'best.safetensors'}; checkpoints in {checkpoints.dir}")
     tracker.finish()
     return FinetuneResult(end, dict(last) or None, keeper.best)
+
+
+def classifier_flops(cfg: FinetuneConfig) -> ImageFlops:
+    """Forward FLOPs per image of the config's classifier, counted on fake tensors."""
+    size = cfg.model.img_size
+    return image_flops(lambda: build_classifier(cfg.model), lambda m, b: m(torch.empty(b, 3, size, size)))
 
 
 def _load_starting_weights(model: nn.Module, cfg: FinetuneConfig, out: Path, rank: int) -> None:

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from ..flops import ImageFlops
 from .checkpointing import CheckpointManager
+from .config import RunConfig
 from .tracking import Tracker
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@<seconds> warning
@@ -136,6 +138,8 @@ def train_loop(
     log_every: int = 20,
     on_step: Callable[[int, dict], None] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
+    run: RunConfig | None = None,
+    flops: ImageFlops | None = None,
 ) -> LoopEnd:
     """Run optimizer steps ``start_step + 1 .. total_steps`` (or ``max_steps``) over ``loader``'s epochs.
 
@@ -146,6 +150,8 @@ def train_loop(
     scaler skips are counted, not fatal). ``client_state(step, data_epoch)`` is stored in every checkpoint.
     ``on_step(step, batch)`` runs after every optimizer step; ``on_epoch_end(data_epoch, step)`` after every data
     epoch that ran to its end (on all ranks together: training streams give every rank the same batch count).
+    ``run`` holds the run options (``compile``, ``profile_steps``, ``on_nonfinite``, ...); ``flops`` the model's
+    forward FLOPs per image, for TFLOP/s and MFU.
     """
     device = engine.device
     stop_at = min(total_steps, max_steps) if max_steps else total_steps
