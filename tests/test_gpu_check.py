@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SPEC = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "benchmarks/gpu_check.py")
-gpu_check = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(gpu_check)
+LOADER = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "benchmarks/gpu_check.py")
+gpu_check = importlib.util.module_from_spec(LOADER)
+LOADER.loader.exec_module(gpu_check)
 
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=32, window_size=4, num_classes=10)
 

@@ -24,14 +24,14 @@ from .files import write_text_atomic
 MODEL_JSON = "model.json"
 # Options that shape the weights or the forward pass; training-only ones (drop path, activation checkpointing,
 # attention chunking) are left out so the file describes the model for inference and export.
-_SPEC_KEYS = ("num_classes", "img_size", "window_size", "pretrained_window_sizes", "embed_dim", "depths",
+_MODEL_JSON_KEYS = ("num_classes", "img_size", "window_size", "pretrained_window_sizes", "embed_dim", "depths",
               "num_heads", "extra_norm_every")
 
 
 def model_spec(m: Any) -> dict:
     """``{"name", "options"}`` for ``swinv2.create_model`` from a model config section (``ClassifierConfig``)."""
     options = {}
-    for key in _SPEC_KEYS:
+    for key in _MODEL_JSON_KEYS:
         value = getattr(m, key, None)
         if value is not None:
             options[key] = list(value) if isinstance(value, (list, tuple)) else value
