@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swinv2.train.config import PretrainConfig
-from swinv2.train.plan.fake import DTYPES, Recipe, cast_params
+from swinv2.train.config import DTYPES, PretrainConfig
+from swinv2.train.plan.fake import Recipe, cast_params
 
 from .pretrain import build_simmim
 

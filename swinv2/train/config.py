@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.config import DataConfig
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # deepspeed.precision -> dtype
+PRECISIONS = tuple(DTYPES)
 SCHEDULES = ("multistep", "cosine")
 WANDB_MODES = ("online", "offline", "disabled")
 NONFINITE_ACTIONS = ("stop", "skip", "rollback")

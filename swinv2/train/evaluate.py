@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DTYPES
+
 
 def _reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -90,9 +92,6 @@ def dummy_input(model: nn.Module, device: torch.device, dtype: torch.dtype) -> t
     return torch.zeros(1, 3, h, w, device=device, dtype=dtype)
 
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def evaluate_checkpoint(checkpoint: str, urls: str, spec: dict, *, batch_size: int = 128, num_workers: int = 4,
                         crop_pct: float = 0.875, precision: str = "auto") -> tuple[dict[str, float], Any]:
     """Build the model ``spec`` describes, load ``checkpoint`` into it, evaluate on ``urls`` (on every rank of an
@@ -105,7 +104,7 @@ def evaluate_checkpoint(checkpoint: str, urls: str, spec: dict, *, batch_size: i
     check_head_loaded(report, checkpoint)
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model.to(device=device, dtype=dtype)
     size = spec["options"].get("img_size", model.img_size)

@@ -19,14 +19,14 @@ from torch import nn
 from ..data import build_loader
 from ..flops import ImageFlops, image_flops
 from .checkpointing import CheckpointManager
-from .config import to_dict
+from .config import DTYPES, to_dict
 from .engine import accumulation_steps, build_engine, init_distributed
 from .evaluate import evaluate
 from .files import write_text_atomic
 from .finetune_config import FinetuneConfig, mixup_enabled
 from .keep import BestKeeper, EmaCheckpointManager, full_state_dict
 from .loop import LoopEnd, train_loop
-from .run import DTYPES, announce_config, resume_and_track, seed_everything, steps_per_epoch
+from .run import announce_config, resume_and_track, seed_everything, steps_per_epoch
 from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
 
 

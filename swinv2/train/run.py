@@ -14,8 +14,6 @@ from .config import ConfigError, to_dict, to_yaml
 from .files import write_text_atomic
 from .tracking import Tracker
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch RNGs; every rank uses the same seed so initial weights agree."""
