@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from swinv2.train.engine import init_distributed  # noqa: E402
 from swinv2.train.evaluate import evaluate_checkpoint  # noqa: E402
 from swinv2.train.export import locate  # noqa: E402
+from swinv2.train.files import write_text_atomic  # noqa: E402
 from swinv2.train.weights import WeightsError, resolve_spec  # noqa: E402
 
 
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
               f"images/s {metrics['images_per_s']:.1f}  ({metrics['count']} images, {world} rank(s))", flush=True)
         if args.json:
-            path = Path(args.json)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({**metrics, "model": spec, "world_size": world}, indent=1) + "\n")
-            os.replace(tmp, path)
+            write_text_atomic(args.json, json.dumps({**metrics, "model": spec, "world_size": world}, indent=1) + "\n")
     return 0
 
 

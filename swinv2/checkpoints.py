@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from .train.files import save_safetensors, write_atomic
+
 DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
 
@@ -242,16 +244,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str = "ou
     state = export_timm_state_dict(model) if layout == "timm" else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(tmp))
-        # safetensors creates the file with mode 0600; give it the mode any other new file gets (the umask's).
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+        return save_safetensors(state, path)  # with the mode the umask gives (safetensors alone would give 0600)
+    return write_atomic(path, lambda tmp: torch.save(state, tmp))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..train.files import AtomicPath
 from .shards import ShardSink, encode_jpeg, write_index
 
 VERSION = 2
@@ -95,17 +95,18 @@ def _lock(path: Path):
 
 
 def _build_into(root: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    # A folder of its own per process: several ranks may build at once.
+    target = AtomicPath(root, temp=tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
-        build(tmp)
+        build(target.temp)
         try:
-            os.rename(tmp, root)  # atomic; fails if another process already put a complete set there
+            target.commit()  # atomic; fails if another process already put a complete set there
         except OSError:
             if not _complete(root):
                 raise OSError(f"{str(root)!r} exists but holds no demo data of version {VERSION}; delete it or set "
                               "SWINV2_DEMO_DIR to another folder.") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target.discard()
 
 
 def build(folder: str | os.PathLike) -> dict:

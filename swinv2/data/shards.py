@@ -32,6 +32,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ..train.files import AtomicPath, write_text_atomic
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 # PIL format -> webdataset extension for originals kept as they are. MPO is what PIL calls many camera JPEGs.
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff",
@@ -233,8 +235,9 @@ class ShardSink:
         return key
 
     def _start(self) -> None:
-        self._final = self.pattern % len(self.shards)
-        self._file = open(self._final + PARTIAL, "wb")
+        final = self.pattern % len(self.shards)
+        self._target = AtomicPath(final, temp=final + PARTIAL)
+        self._file = open(self._target.temp, "wb")
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=self.mtime, user="swinv2", group="swinv2")
 
     def _finish(self) -> None:
@@ -242,9 +245,8 @@ class ShardSink:
         self._file.flush()
         os.fsync(self._file.fileno())  # the rename must not publish a shard whose bytes are still in flight
         self._file.close()
-        os.replace(self._final + PARTIAL, self._final)
-        self.shards.append({"name": os.path.basename(self._final), "samples": self._count,
-                            "bytes": os.path.getsize(self._final)})
+        final = self._target.commit()
+        self.shards.append({"name": final.name, "samples": self._count, "bytes": final.stat().st_size})
         self._file = self._writer = None
         self._count = self._members = 0
 
@@ -252,7 +254,7 @@ class ShardSink:
         """Drop the shard being written (its ``.partial`` file)."""
         if self._file is not None:
             self._file.close()
-            Path(self._final + PARTIAL).unlink(missing_ok=True)
+            self._target.discard()
             self._file = self._writer = None
 
     def __enter__(self) -> ShardSink:
@@ -299,11 +301,8 @@ def clear_output(pattern: str) -> list[str]:
 def write_index(pattern: str, meta: dict[str, Any]) -> str:
     """Write ``dataset.json`` beside the shards atomically (temporary file, then rename); return its path."""
     path = os.path.join(os.path.dirname(pattern), INDEX_NAME)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"pattern": os.path.basename(pattern), **meta}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps({"pattern": os.path.basename(pattern), **meta}, indent=1) + "\n"
+    write_text_atomic(path, text)
     return path
 
 

@@ -30,7 +30,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from .files import write_text_atomic
+from .files import AtomicPath, write_text_atomic
 from .safe_load import weights_only_loads
 
 MARKER = "complete.json"
@@ -118,26 +118,30 @@ class CheckpointManager:
     def ensure_universal(self, tag: str) -> None:
         target = self.dir / f"{tag}_universal"
         if self.rank == 0 and not (target / MARKER).is_file():
-            staging = self.dir / f".{tag}_universal.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            # DeepSpeed's converter, run with weights-only reads (its forked workers inherit the allow-list).
-            runner = ("from swinv2.train.safe_load import run_module_weights_only as run; "
-                      "run('deepspeed.checkpoint.ds_to_universal')")
-            command = [sys.executable, "-c", runner, "--input_folder",
-                       str(self.dir / tag), "--output_folder", str(staging), "--num_extract_workers", "1",
-                       "--num_merge_workers", "1", "--inject_missing_state"]
-            root = str(Path(__file__).resolve().parents[2])
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-            result = subprocess.run(command, capture_output=True, text=True, env=env)
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"converting checkpoint {tag} to DeepSpeed's universal format failed:\n{result.stderr[-2000:]}\n"
-                    f"resume with the original world size instead"
-                )
-            shutil.copy(self.dir / tag / MARKER, staging / MARKER)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
+            publish = AtomicPath(target)  # staged as .<tag>_universal.tmp
+            publish.discard()  # what an interrupted conversion left
+            with publish as staging:
+                self._convert_to_universal(tag, staging)
+                shutil.rmtree(target, ignore_errors=True)
         _barrier()
+
+    def _convert_to_universal(self, tag: str, staging: Path) -> None:
+        """DeepSpeed's universal conversion of checkpoint ``tag`` into the folder ``staging``, marker included."""
+        # DeepSpeed's converter, run with weights-only reads (its forked workers inherit the allow-list).
+        runner = ("from swinv2.train.safe_load import run_module_weights_only as run; "
+                  "run('deepspeed.checkpoint.ds_to_universal')")
+        command = [sys.executable, "-c", runner, "--input_folder",
+                   str(self.dir / tag), "--output_folder", str(staging), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"converting checkpoint {tag} to DeepSpeed's universal format failed:\n{result.stderr[-2000:]}\n"
+                f"resume with the original world size instead"
+            )
+        shutil.copy(self.dir / tag / MARKER, staging / MARKER)
 
     def load(self, engine: Any, point: ResumePoint) -> dict:
         """Load model, optimizer, scheduler and client state of ``point`` into ``engine``; returns the client state."""

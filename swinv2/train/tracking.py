@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_atomic
+
 
 class Tracker:
     """Metrics to wandb and the console, images to wandb and PNG files; every method is a no-op off rank 0.
@@ -75,12 +77,8 @@ class Tracker:
             return None
         from PIL import Image
 
-        folder = self.output_dir / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{key}_{step:08d}.png"
-        tmp = path.with_suffix(".png.tmp")
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        path = write_atomic(self.output_dir / "images" / f"{key}_{step:08d}.png",
+                            lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
         if self.run is not None:
             import wandb
 
