@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from simmim.config import PretrainConfig  # noqa: E402
 from simmim.plan import simmim_recipe  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
-from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
+from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
 from swinv2.train.plan.fake import cast_buffers  # noqa: E402
 from swinv2.train.plan.gpus import GPUS, Gpu  # noqa: E402

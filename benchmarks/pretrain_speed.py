@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 import swinv2  # noqa: E402
 from benchmarks.model_speed import paired_rounds, peak_memory_mb, timed  # noqa: E402
 from simmim import MaskGenerator, SimMIM  # noqa: E402
+from simmim.config import PretrainConfig  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
-from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
+from swinv2.train.config import load_config  # noqa: E402
 
 
 class TimmSimMIM(SimMIM):

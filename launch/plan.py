@@ -21,8 +21,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from simmim.config import PretrainConfig  # noqa: E402
 from simmim.plan import simmim_recipe  # noqa: E402
-from swinv2.train.config import ConfigError, PretrainConfig, load_config  # noqa: E402
+from swinv2.train.config import ConfigError, load_config  # noqa: E402
 from swinv2.train.finetune_config import FinetuneConfig  # noqa: E402
 from swinv2.train.plan import gpus  # noqa: E402
 from swinv2.train.plan.fake import classifier_recipe, is_pretraining  # noqa: E402
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         if args.paper_table:
-            print(paper_table(simmim_recipe, classifier_recipe))
+            print(paper_table(PretrainConfig, simmim_recipe, classifier_recipe))
             return 0
         if not args.config:
             raise ConfigError("no config given: pass --config configs/simmim/swinv2_base_192.yaml (or another YAML)")

@@ -17,10 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from simmim.config import PretrainConfig  # noqa: E402
 from simmim.pretrain import pretrain  # noqa: E402
 from swinv2.data import DataError  # noqa: E402
 from swinv2.train.checkpointing import CheckpointWriteError  # noqa: E402
-from swinv2.train.config import ConfigError, PretrainConfig, load_config  # noqa: E402
+from swinv2.train.config import ConfigError, load_config  # noqa: E402
 from swinv2.train.safe_load import UnsafeCheckpointError  # noqa: E402
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swinv2.train.config import DTYPES, PretrainConfig
+from swinv2.train.config import DTYPES
 from swinv2.train.plan.fake import Recipe, cast_params
 
+from .config import PretrainConfig
 from .pretrain import build_simmim
 
 

@@ -15,12 +15,13 @@ import swinv2
 from swinv2.data import build_loader
 from swinv2.flops import ImageFlops, image_flops
 from swinv2.train.checkpointing import CheckpointManager
-from swinv2.train.config import DTYPES, PretrainConfig, to_dict
+from swinv2.train.config import DTYPES, to_dict
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed
 from swinv2.train.loop import LoopEnd, train_loop
 from swinv2.train.run import announce_config, resume_and_track, seed_everything, steps_per_epoch
 from swinv2.train.tracking import Tracker
 
+from .config import PretrainConfig
 from .masking import MaskGenerator
 from .model import SimMIM
 from .monitors import PretrainMonitors, gathered

@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
+from simmim.config import PretrainConfig  # noqa: E402
 from simmim.masking import MaskGenerator  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
 from swinv2.train.checkpointing import CheckpointManager  # noqa: E402
-from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
+from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed  # noqa: E402
 from swinv2.train.export import save_safetensors  # noqa: E402
 

@@ -14,8 +14,9 @@ import torch
 from pretrain_helpers import BIN, ROOT, describe, free_port, run
 from zero_states_probe import RUNS, config_overrides
 
+from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
-from swinv2.train.config import PretrainConfig, load_config
+from swinv2.train.config import load_config
 from swinv2.train.plan.fake import cast_buffers
 from swinv2.train.plan.states import model_states
 

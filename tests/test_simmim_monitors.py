@@ -173,7 +173,8 @@ def test_heldout_transform_centre_crops_after_resizing_the_shorter_side():
     ("eval.every_steps=-1", "eval.every_steps and eval.num_images must be non-negative"),
 ])
 def test_bad_monitor_settings_are_one_sentence(override, needle):
-    from swinv2.train.config import ConfigError, PretrainConfig, load_config
+    from simmim.config import PretrainConfig
+    from swinv2.train.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=needle):
         load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [override])

@@ -12,8 +12,9 @@ import torch
 
 import swinv2
 from simmim import SimMIM
+from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
-from swinv2.train.config import ConfigError, PretrainConfig, load_config
+from swinv2.train.config import ConfigError, load_config
 from swinv2.train.engine import accumulation_steps, deepspeed_config, scaled_lrs, slurm_env
 from swinv2.train.optim import StepSchedule, layer_ids, lr_at, no_weight_decay_params, param_groups
 

@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from simmim.config import PretrainConfig  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
-from swinv2.train.config import PretrainConfig, load_config  # noqa: E402
+from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
 from swinv2.train.plan.fake import cast_buffers  # noqa: E402
 

@@ -1,9 +1,9 @@
 """The training configuration: typed dataclass sections merged from YAML and ``key=value`` overrides (OmegaConf).
 
-Defaults are the SwinV2 SimMIM recipe (SimMIM arXiv 2111.09886 sec. 4.1, Swin V2 arXiv 2111.09883 sec. 4.1):
-AdamW 0.9/0.999, wd 0.05, base LR 1e-4 per 512 images, 10 warmup epochs from 5e-7, step decay x0.1 at epoch 700 of
-800, clip 5.0, normalised target 47; a config file only states what differs. Unknown keys and wrong types fail at
-start-up with the key's name.
+The sections every run shares (model, optimizer, schedule, DeepSpeed, checkpoints, wandb, run) and the loader
+:func:`load_config`. The runs' schemas compose them: SimMIM pretraining's in :mod:`simmim.config`, fine-tuning's
+in :mod:`.finetune_config`; each states its recipe's defaults. Unknown keys and wrong types fail at start-up with
+the key's name.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from ..data.config import DataConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # deepspeed.precision -> dtype
 PRECISIONS = tuple(DTYPES)
@@ -43,15 +41,6 @@ class ModelConfig:
     checkpoint_activations: bool = False
     attn_chunk_size: int = 0
     extra_norm_every: int | None = None  # None: the variant's default (6 for H and G)
-
-
-@dataclass
-class SimMIMConfig:
-    """Masking and target of SimMIM (arXiv 2111.09886 sec. 3; 47 is the SwinV2 normalised-target window)."""
-
-    mask_patch_size: int = 32
-    mask_ratio: float = 0.6
-    norm_target_patch_size: int = 47  # 0: plain pixels as the target
 
 
 @dataclass
@@ -129,47 +118,6 @@ class RunConfig:
     slurm_requeue: bool | None = None  # scontrol requeue after the preemption checkpoint; None: if sbatch --requeue
 
 
-@dataclass
-class PretrainEvalConfig:
-    """Held-out monitors of a pretraining run, every ``every_steps`` steps and at the end (0: only at the end).
-
-    The held-out reconstruction loss runs on ``data.eval_urls`` (unlabelled is fine) with one fixed mask per image;
-    the first ``num_images`` held-out images are shown as a reconstruction grid each time.
-    """
-
-    every_steps: int = 0
-    num_images: int = 8
-
-
-@dataclass
-class ProbeConfig:
-    """kNN probe of the encoder's pooled features (k = 20, cosine, votes weighted by exp(similarity / 0.07)):
-    ``train_urls`` is the labelled bank, ``eval_urls`` the labelled queries; off while either is empty."""
-
-    train_urls: str = ""
-    eval_urls: str = ""
-    k: int = 20
-    temperature: float = 0.07
-
-
-@dataclass
-class PretrainConfig:
-    """Everything ``launch/pretrain.py`` needs (SimMIM pretraining)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
-
-
 class ConfigError(ValueError):
     """A bad config file or override, explained in one sentence."""
 
@@ -242,23 +190,8 @@ def check(cfg: Any) -> None:
     if hasattr(cfg, "model") and isinstance(getattr(cfg.model, "img_size", None), int):
         size = cfg.model.img_size
         need(size > 0 and size % 4 == 0, f"model.img_size={size} must be a multiple of the patch size 4")
-        if hasattr(cfg, "simmim"):  # the decoder undoes the encoder's stride of 32; masks cover whole mask patches
-            need(size % 32 == 0 and size % cfg.simmim.mask_patch_size == 0,
-                 f"model.img_size={size} must be a multiple of 32 and of simmim.mask_patch_size="
-                 f"{cfg.simmim.mask_patch_size} for SimMIM (e.g. 192)")
-    if hasattr(cfg, "simmim"):
-        sm = cfg.simmim
-        need(0 < sm.mask_ratio < 1, "simmim.mask_ratio must be in (0, 1)")
-        need(sm.norm_target_patch_size == 0 or sm.norm_target_patch_size % 2 == 1,
-             "simmim.norm_target_patch_size must be odd (47 in the recipe) or 0 for plain pixels")
-    if hasattr(cfg, "probe"):
-        pr = cfg.probe
-        need(bool(pr.train_urls) == bool(pr.eval_urls), "probe.train_urls and probe.eval_urls go together: set both "
-             "(labelled shards) or neither")
-        need(pr.k > 0 and pr.temperature > 0, "probe.k and probe.temperature must be positive")
-    if hasattr(cfg, "eval") and hasattr(cfg, "simmim"):
-        need(cfg.eval.every_steps >= 0 and cfg.eval.num_images >= 0,
-             "eval.every_steps and eval.num_images must be non-negative")
+    if hasattr(cfg, "problems"):  # the schema's own checks, e.g. simmim.config.PretrainConfig's
+        problems.extend(cfg.problems())
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import PretrainConfig, load_config
+from ..config import load_config
 from ..finetune_config import FinetuneConfig
 from .fake import fake_cuda
 from .gpus import GIB, GPUS
@@ -30,11 +30,12 @@ GPU_NAMES = ("a100-40gb", "a100-80gb")
 LADDER = ((0, False, 0), (1, False, 0), (1, True, 0), (1, True, CHUNK), (3, True, CHUNK))
 
 
-def task_config(size: str, img: int, window: int) -> Any:
-    """The config of one table cell (pretraining at 192, else a 1000-class fine-tune from 192/w12)."""
+def task_config(pretrain_schema: type, size: str, img: int, window: int) -> Any:
+    """The config of one table cell (pretraining at 192 with ``pretrain_schema``, e.g. ``simmim.config.PretrainConfig``,
+    else a 1000-class fine-tune from 192/w12)."""
     name = [f"model.name=swinv2_{size}_window12_192", f"model.img_size={img}"]
     if img == 192:
-        return load_config(PretrainConfig, None, name)
+        return load_config(pretrain_schema, None, name)
     return load_config(FinetuneConfig, None, [*name, f"model.window_size={window}",
                                               "model.pretrained_window_sizes=[12,12,12,6]", "model.num_classes=1000"])
 
@@ -72,14 +73,17 @@ def lightest(plans: dict[tuple, Any], gpu: str) -> str:
     return "does not fit"
 
 
-def paper_table(pretrain_recipe: Callable, finetune_recipe: Callable, sizes=SIZES, tasks=TASKS) -> str:
-    """The README's markdown table (GiB per rank at micro batch 1, bf16, 64 GPUs)."""
+def paper_table(pretrain_schema: type, pretrain_recipe: Callable, finetune_recipe: Callable, sizes=SIZES,
+                tasks=TASKS) -> str:
+    """The README's markdown table (GiB per rank at micro batch 1, bf16, 64 GPUs). The pretraining rows use
+    ``pretrain_schema`` and ``pretrain_recipe`` (SimMIM's, from :mod:`simmim`, which builds on swinv2)."""
     rows = ["| model | task | params | all three | without ZeRO-1 | without ckpt | without seq. attn | "
             "A100-40GB: lightest that fits (max micro batch) | A100-80GB: lightest that fits (max micro batch) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         for label, img, window in tasks:
-            plans = row_plans(task_config(size, img, window), pretrain_recipe if img == 192 else finetune_recipe)
+            plans = row_plans(task_config(pretrain_schema, size, img, window),
+                              pretrain_recipe if img == 192 else finetune_recipe)
             gib = {s: f"{plans[('a100-40gb', *s)].per_rank_bytes['total'] / GIB:.1f}"
                    for s in ((1, True, CHUNK), (0, True, CHUNK), (1, False, CHUNK), (1, True, 0))}
             params = plans["a100-40gb", 1, True, CHUNK].params
