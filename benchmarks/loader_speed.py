@@ -79,8 +79,8 @@ def main() -> None:
         summary = write_shards(src, f"{tmp}/shards/train-%06d.tar", resize=args.resize, quality=90,
                                max_samples=100, workers=2, progress=False)
         cfg = DataConfig(train_urls=f"{tmp}/shards", batch_size=args.batch, num_workers=args.workers,
-                         img_size=192, samples_per_epoch=args.images, shuffle_buffer=500)
-        ours = build_loader(cfg, "pretrain", transform=transform, rank=0, world_size=1)
+                         samples_per_epoch=args.images, shuffle_buffer=500)
+        ours = build_loader(cfg, "pretrain", transform=transform, rank=0, world_size=1, img_size=192)
         folder = datasets.ImageFolder(str(src), transform=transform)
         baseline = torch.utils.data.DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                                drop_last=True)

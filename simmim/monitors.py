@@ -12,7 +12,6 @@ They run every ``eval.every_steps`` steps, at the start of a fresh run and at th
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,13 +41,15 @@ class PretrainMonitors:
 
     def __init__(self, cfg: Any, mask_generator: MaskGenerator, rank: int, world: int):
         self.cfg, self.mask_generator = cfg, mask_generator
-        data = replace(cfg.data, img_size=cfg.model.img_size)
-        self.heldout = (build_loader(data, "heldout", HeldOutTransform(cfg.model.img_size), rank, world)
+        data, size = cfg.data, cfg.model.img_size
+        self.heldout = (build_loader(data, "heldout", HeldOutTransform(size), rank, world, img_size=size)
                         if data.eval_urls else None)
         self.bank = self.queries = None
         if cfg.probe.train_urls:
-            self.bank = build_loader(data, "eval", rank=rank, world_size=world, urls=cfg.probe.train_urls)
-            self.queries = build_loader(data, "eval", rank=rank, world_size=world, urls=cfg.probe.eval_urls)
+            self.bank = build_loader(data, "eval", rank=rank, world_size=world, urls=cfg.probe.train_urls,
+                                     img_size=size)
+            self.queries = build_loader(data, "eval", rank=rank, world_size=world, urls=cfg.probe.eval_urls,
+                                        img_size=size)
 
     @property
     def enabled(self) -> bool:

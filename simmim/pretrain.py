@@ -66,7 +66,8 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     model = build_simmim(cfg)
     mask_generator = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, model.patch_size,
                                    cfg.simmim.mask_ratio)
-    loader = build_loader(cfg.data, "pretrain", PretrainTransform(cfg.model.img_size, mask_generator), rank, world)
+    loader = build_loader(cfg.data, "pretrain", PretrainTransform(cfg.model.img_size, mask_generator), rank, world,
+                          img_size=cfg.model.img_size)
     epoch_steps = steps_per_epoch(len(loader), accumulation)
     total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))
     last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps

@@ -54,8 +54,8 @@ def test_demo_urls_feed_the_loader(demo_root, monkeypatch):
     demo_shards(demo_root)
     monkeypatch.setenv("SWINV2_DEMO_DIR", str(demo_root))
     assert expand_urls("demo:val") == demo_shards(demo_root).val_urls
-    cfg = DataConfig(eval_urls="demo:val", batch_size=50, num_workers=2, img_size=64)
-    loader = build_loader(cfg, "eval", rank=0, world_size=1)
+    cfg = DataConfig(eval_urls="demo:val", batch_size=50, num_workers=2)
+    loader = build_loader(cfg, "eval", rank=0, world_size=1, img_size=64)
     assert sum(len(b["key"]) for b in loader) == loader.expected_samples == 500 and loader.skipped == 0
 
 

@@ -15,7 +15,7 @@ from swinv2.data import DataConfig, build_loader, decode_image, write_shards
 
 
 def _cfg(**overrides) -> DataConfig:
-    base = dict(batch_size=4, num_workers=2, img_size=32, shuffle_buffer=16, auto_augment=None, re_prob=0.0)
+    base = dict(batch_size=4, num_workers=2, shuffle_buffer=16, auto_augment=None, re_prob=0.0)
     return DataConfig(**{**base, **overrides})
 
 
@@ -28,7 +28,7 @@ def test_eval_stream_is_disjoint_and_complete_across_ranks_and_workers(tmp_path,
     urls, labels = labelled_shards(tmp_path, sizes)
     seen: list[str] = []
     for rank in range(2):
-        loader = build_loader(_cfg(), "eval", rank=rank, world_size=2, urls=urls)
+        loader = build_loader(_cfg(), "eval", rank=rank, world_size=2, urls=urls, img_size=32)
         keys, batch_labels = [], []
         for batch in loader:
             assert batch["image"].shape[1:] == (3, 32, 32)
@@ -45,7 +45,7 @@ def test_eval_with_more_consumers_than_shards_gives_some_nothing(tmp_path):
     urls, labels = labelled_shards(tmp_path, [6])
     counts = []
     for rank in range(2):
-        loader = build_loader(_cfg(), "eval", rank=rank, world_size=2, urls=urls)
+        loader = build_loader(_cfg(), "eval", rank=rank, world_size=2, urls=urls, img_size=32)
         counts.append(len(_keys(loader)))
         assert loader.num_samples == counts[-1]
     assert counts == [6, 0]
@@ -56,7 +56,7 @@ def test_training_epoch_is_exact_per_rank_and_streams_differ(tmp_path):
     cfg = _cfg(samples_per_epoch=30, batch_size=4)  # 30 // 4 = 7 steps (4 + 3 over two workers)
     streams = {}
     for rank in range(2):
-        loader = build_loader(cfg, "train", rank=rank, world_size=2, urls=urls)
+        loader = build_loader(cfg, "train", rank=rank, world_size=2, urls=urls, img_size=32)
         assert len(loader) == 7
         for epoch in range(2):
             batches = list(loader)
@@ -65,7 +65,7 @@ def test_training_epoch_is_exact_per_rank_and_streams_differ(tmp_path):
             streams[rank, epoch] = [k for b in batches for k in b["key"]]
     assert streams[0, 0] != streams[1, 0]  # ranks differ
     assert streams[0, 0] != streams[0, 1]  # epochs differ
-    again = build_loader(cfg, "train", rank=1, world_size=2, urls=urls)
+    again = build_loader(cfg, "train", rank=1, world_size=2, urls=urls, img_size=32)
     again.set_epoch(1)
     assert _keys(again) == streams[1, 1]  # and each (seed, rank, worker, epoch) stream is reproducible
 
@@ -74,7 +74,7 @@ def test_epoch_length_from_dataset_json(tmp_path):
     make_class_folder(tmp_path / "src", per_class=5)  # 15 images
     write_shards(tmp_path / "src", str(tmp_path / "out" / "t-%06d.tar"), max_samples=4, progress=False)
     loader = build_loader(_cfg(batch_size=2, num_workers=1), "train", rank=0, world_size=2,
-                          urls=str(tmp_path / "out"))
+                          urls=str(tmp_path / "out"), img_size=32)
     assert len(loader) == (15 // 2) // 2 == len(list(loader))
 
 
@@ -86,7 +86,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     samples[9] = ("009", {"jpg": b"certainly not a jpeg", "cls": b"2"})  # after the last full batch of 4
     shard = str(write_tar(tmp_path / "bad.tar", samples))
     with caplog.at_level(logging.WARNING, logger="swinv2.data"):
-        loader = build_loader(_cfg(num_workers=2), "eval", rank=0, world_size=1, urls=shard)
+        loader = build_loader(_cfg(num_workers=2), "eval", rank=0, world_size=1, urls=shard, img_size=32)
         keys = _keys(loader)
     assert sorted(keys) == [f"{i:03d}" for i in range(10) if i not in (3, 9)]
     assert loader.num_samples == 8 and loader.epoch_skipped == loader.skipped == 2
@@ -99,7 +99,7 @@ def test_corrupt_samples_do_not_change_training_epoch_length(tmp_path):
     samples[2] = ("002", {"jpg": b"\xff\xd8\xff garbage", "cls": b"2"})
     shard = str(write_tar(tmp_path / "bad.tar", samples))
     loader = build_loader(_cfg(samples_per_epoch=40, batch_size=4, num_workers=2), "train", urls=shard,
-                          rank=0, world_size=1)
+                          rank=0, world_size=1, img_size=32)
     batches = list(loader)
     assert len(batches) == 10 and all(len(b["key"]) == 4 for b in batches)
     assert "002" not in {k for b in batches for k in b["key"]}
@@ -109,21 +109,24 @@ def test_corrupt_samples_do_not_change_training_epoch_length(tmp_path):
 def test_a_stream_of_only_bad_samples_or_empty_shards_stops_with_a_clear_error(tmp_path):
     shard = str(write_tar(tmp_path / "bad.tar", [(f"{i}", {"jpg": b"junk", "cls": b"0"}) for i in range(4)]))
     loader = build_loader(_cfg(samples_per_epoch=8, num_workers=0, max_consecutive_errors=5), "train",
-                          urls=shard, rank=0, world_size=1)
+                          urls=shard, rank=0, world_size=1, img_size=32)
     with pytest.raises(RuntimeError, match="5 samples in a row could not be read"):
         list(loader)
     empty = str(write_tar(tmp_path / "empty.tar", []))
-    loader = build_loader(_cfg(samples_per_epoch=8, num_workers=0), "train", urls=empty, rank=0, world_size=1)
+    loader = build_loader(_cfg(samples_per_epoch=8, num_workers=0), "train", urls=empty, rank=0, world_size=1,
+                          img_size=32)
     with pytest.raises(RuntimeError, match="1000 shards in a row held no sample"):
         list(loader)
 
 
 def test_pipe_cat_url(tmp_path):
     urls, labels = labelled_shards(tmp_path, [5, 4])
-    loader = build_loader(_cfg(num_workers=1), "eval", urls=[f"pipe:cat {u}" for u in urls], rank=0, world_size=1)
+    loader = build_loader(_cfg(num_workers=1), "eval", urls=[f"pipe:cat {u}" for u in urls], rank=0, world_size=1,
+                          img_size=32)
     assert sorted(_keys(loader)) == sorted(labels)
     brace = f"pipe:cat {tmp_path}/s-{{0000..0001}}.tar"  # braces expand inside pipe: commands too
-    assert sorted(_keys(build_loader(_cfg(num_workers=0), "eval", urls=brace, rank=0, world_size=1))) == sorted(labels)
+    brace_loader = build_loader(_cfg(num_workers=0), "eval", urls=brace, rank=0, world_size=1, img_size=32)
+    assert sorted(_keys(brace_loader)) == sorted(labels)
 
 
 def test_pretrain_stream_batches_images_and_masks(tmp_path):
@@ -134,7 +137,7 @@ def test_pretrain_stream_batches_images_and_masks(tmp_path):
         return image, torch.ones(8, 8, dtype=torch.int64)
 
     loader = build_loader(_cfg(samples_per_epoch=8, num_workers=1), "pretrain", transform=simmim_like, urls=urls,
-                          rank=0, world_size=1)
+                          rank=0, world_size=1, img_size=32)
     batches = list(loader)
     assert len(batches) == 2 and set(batches[0]) == {"image", "mask", "key"}
     assert batches[0]["image"].shape == (4, 3, 32, 32) and batches[0]["mask"].shape == (4, 8, 8)
@@ -143,7 +146,7 @@ def test_pretrain_stream_batches_images_and_masks(tmp_path):
 def test_fine_tune_labels_match_images(tmp_path):
     urls, labels = labelled_shards(tmp_path, [9])
     loader = build_loader(_cfg(num_workers=0, color_jitter=0.0, scale=(0.5, 1.0), samples_per_epoch=12), "train",
-                          urls=urls, rank=0, world_size=1)
+                          urls=urls, rank=0, world_size=1, img_size=32)
     for batch in loader:
         dominant = batch["image"].mean(dim=(2, 3)).argmax(dim=1)  # blue, green, red -> channel 2, 1, 0
         assert (dominant == 2 - batch["label"]).all()
@@ -175,7 +178,7 @@ def test_a_truncated_shard_is_one_error_counting_the_samples_it_lost(tmp_path, i
     first.write_bytes(data[: len(data) // 2 + 100])
     if not indexed:
         (out / "dataset.json").unlink()
-    loader = build_loader(_cfg(num_workers=1), "eval", urls=str(out), rank=0, world_size=1)
+    loader = build_loader(_cfg(num_workers=1), "eval", urls=str(out), rank=0, world_size=1, img_size=32)
     with caplog.at_level(logging.WARNING, logger="swinv2.data"):
         keys = _keys(loader)
     assert len(keys) == len(set(keys)) == loader.num_samples

@@ -68,8 +68,8 @@ def test_round_trip_from_image_folder_through_make_shards_to_the_loader(tmp_path
     expected = {_sha(p.read_bytes()): (p.suffix[1:], sorted(COLOURS).index(c)) for c, ps in files.items() for p in ps}
     assert stored == expected
 
-    loader = build_loader(DataConfig(eval_urls=str(out), batch_size=4, num_workers=2, img_size=64), "eval",
-                          rank=0, world_size=1)
+    loader = build_loader(DataConfig(eval_urls=str(out), batch_size=4, num_workers=2), "eval",
+                          rank=0, world_size=1, img_size=64)
     labels = []
     for batch in loader:
         dominant = batch["image"].mean(dim=(2, 3)).argmax(dim=1)  # blue, green, red: channels 2, 1, 0

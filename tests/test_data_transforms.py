@@ -14,7 +14,7 @@ def _posterize_op(transform):
 
 
 def test_full_strength_posterize_keeps_zero_bits_as_a_black_image():
-    transform = train_transform(DataConfig(img_size=32, auto_augment="rand-m9-mstd0.5-inc1"))
+    transform = train_transform(DataConfig(auto_augment="rand-m9-mstd0.5-inc1"), 32)
     randaugment, op = _posterize_op(transform)
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0  # level 10 -> 4 - 4 = 0 bits kept

@@ -91,18 +91,18 @@ def test_embeds_in_an_omegaconf_structured_config(shard_dir):
 def test_build_loader_refuses_what_cannot_work(shard_dir):
     cfg = DataConfig(train_urls=str(shard_dir), batch_size=8)
     with pytest.raises(ValueError, match="data.eval_urls is empty"):
-        build_loader(cfg, "eval", rank=0, world_size=1)
+        build_loader(cfg, "eval", rank=0, world_size=1, img_size=192)
     with pytest.raises(ValueError, match="needs transform=simmim.PretrainTransform"):
-        build_loader(cfg, "pretrain", rank=0, world_size=1)
+        build_loader(cfg, "pretrain", rank=0, world_size=1, img_size=192)
     with pytest.raises(ValueError, match="kind must be one of"):
-        build_loader(cfg, "finetune", rank=0, world_size=1)
+        build_loader(cfg, "finetune", rank=0, world_size=1, img_size=192)
     with pytest.raises(ValueError, match="rank 2 is not in"):
-        build_loader(cfg, "train", rank=2, world_size=2)
+        build_loader(cfg, "train", rank=2, world_size=2, img_size=192)
     with pytest.raises(ValueError, match="less than one batch"):  # dataset.json: 33 samples / 8 ranks = 4 < 8
-        build_loader(cfg, "train", rank=0, world_size=8)
+        build_loader(cfg, "train", rank=0, world_size=8, img_size=192)
     with pytest.raises(FileNotFoundError, match="not found"):
         build_loader(DataConfig(train_urls=f"{shard_dir}/nope-{{0..3}}.tar", samples_per_epoch=64), "train",
-                     rank=0, world_size=1)
+                     rank=0, world_size=1, img_size=192)
 
 
 def test_rank_comes_from_the_environment(shard_dir, monkeypatch):

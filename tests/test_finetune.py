@@ -41,7 +41,7 @@ FINETUNE_CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
 URLS = ["data.train_urls=train.tar", "data.eval_urls=val.tar"]  # the shipped big configs leave the data to the user
 
 
-def test_defaults_are_the_spec_recipe():
+def test_defaults_are_the_simmim_papers_fine_tuning_recipe():
     cfg = load_finetune_config(None, URLS)
     assert (cfg.optim.base_lr, cfg.optim.min_lr, cfg.optim.warmup_lr) == (1.25e-3, 2.5e-7, 2.5e-7)
     assert cfg.optim.layer_decay == 0.75 and cfg.optim.weight_decay == 0.05 and cfg.optim.lr_batch_reference == 512
@@ -50,7 +50,7 @@ def test_defaults_are_the_spec_recipe():
     assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha) == (0.8, 1.0)
     assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.re_prob == 0.25
     assert (cfg.model.img_size, cfg.model.window_size, cfg.model.pretrained_window_sizes) == (224, 14, [12, 12, 12, 6])
-    assert cfg.data.img_size == 224  # follows the model
+    assert not hasattr(cfg.data, "img_size")  # one image size: the model's, handed to the data pipeline
 
 
 def test_there_are_fine_tune_configs_for_b_and_l_at_every_target():
@@ -151,16 +151,16 @@ def uneven_shards(tmp_path):
 
 
 def _eval_cfg(urls: str, batch: int) -> DataConfig:
-    return DataConfig(eval_urls=urls, img_size=32, batch_size=batch, num_workers=0, crop_pct=1.0)
+    return DataConfig(eval_urls=urls, batch_size=batch, num_workers=0, crop_pct=1.0)
 
 
 def test_evaluate_counts_every_sample_once_and_matches_a_per_sample_computation(uneven_shards):
     urls, labels = uneven_shards
     model = randomize_(swinv2.create_model("swinv2_tiny_window8_256", **TINY32)).eval()
-    got = evaluate(model, build_loader(_eval_cfg(urls, 4), "eval", rank=0, world_size=1), "cpu")
+    got = evaluate(model, build_loader(_eval_cfg(urls, 4), "eval", rank=0, world_size=1, img_size=32), "cpu")
     # independent: one image at a time, metrics by hand in float64
     logits, targets = [], []
-    for batch in build_loader(_eval_cfg(urls, 1), "eval", rank=0, world_size=1):
+    for batch in build_loader(_eval_cfg(urls, 1), "eval", rank=0, world_size=1, img_size=32):
         with torch.no_grad():
             logits.append(model(batch["image"]).double())
         targets.append(batch["label"])
@@ -170,17 +170,19 @@ def test_evaluate_counts_every_sample_once_and_matches_a_per_sample_computation(
     assert got["top5"] == 100.0  # three classes: the top "5" holds all of them
     assert got["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
     # ranks of an uneven split add up to the whole (each rank's share evaluated alone, then weighted)
-    parts = [evaluate(model, build_loader(_eval_cfg(urls, 4), "eval", rank=r, world_size=2), "cpu") for r in (0, 1)]
+    parts = [evaluate(model, build_loader(_eval_cfg(urls, 4), "eval", rank=r, world_size=2, img_size=32), "cpu")
+             for r in (0, 1)]
     assert [p["count"] for p in parts] == [12, 3]
     assert sum(p["top1"] * p["count"] for p in parts) / 15 == pytest.approx(got["top1"])
     # lockstep (the ZeRO-3 path) counts the same
-    lock = evaluate(model, build_loader(_eval_cfg(urls, 4), "eval", rank=0, world_size=1), "cpu", lockstep=True)
+    lock = evaluate(model, build_loader(_eval_cfg(urls, 4), "eval", rank=0, world_size=1, img_size=32), "cpu",
+                    lockstep=True)
     assert lock["count"] == 15 and lock["top1"] == pytest.approx(got["top1"])
 
 
 def test_evaluate_restores_training_mode(uneven_shards):
     model = swinv2.create_model("swinv2_tiny_window8_256", **TINY32).train()
-    evaluate(model, build_loader(_eval_cfg(uneven_shards[0], 8), "eval", rank=0, world_size=1), "cpu")
+    evaluate(model, build_loader(_eval_cfg(uneven_shards[0], 8), "eval", rank=0, world_size=1, img_size=32), "cpu")
     assert model.training
 
 
@@ -262,7 +264,7 @@ def test_evaluate_sees_weights_written_through_data(uneven_shards):
     evaluation in the training process must still use the current weights."""
     urls = uneven_shards[0]
     model = randomize_(swinv2.create_model("swinv2_tiny_window8_256", **TINY32))
-    loader = build_loader(_eval_cfg(urls, 8), "eval", rank=0, world_size=1)
+    loader = build_loader(_eval_cfg(urls, 8), "eval", rank=0, world_size=1, img_size=32)
     before = evaluate(model, loader, "cpu")
     with torch.no_grad():
         for name, p in model.named_parameters():

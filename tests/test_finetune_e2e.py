@@ -117,8 +117,8 @@ def test_evaluation_on_two_ranks_counts_uneven_shards_exactly(tmp_path):
         "--data", urls, "--batch", "4", "--workers", "0", "--crop-pct", "1.0", "--json", str(out))
     got = json.loads(out.read_text())
     assert got["world_size"] == 2 and got["count"] == len(labels) == 15
-    cfg = DataConfig(eval_urls=urls, img_size=32, batch_size=4, num_workers=0, crop_pct=1.0)
-    alone = evaluate(model, build_loader(cfg, "eval", rank=0, world_size=1), "cpu")  # one process, every shard
+    cfg = DataConfig(eval_urls=urls, batch_size=4, num_workers=0, crop_pct=1.0)
+    alone = evaluate(model, build_loader(cfg, "eval", rank=0, world_size=1, img_size=32), "cpu")  # every shard, once
     assert got["top1"] == pytest.approx(alone["top1"]) and got["top5"] == pytest.approx(alone["top5"])
     assert got["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
@@ -139,6 +139,6 @@ def test_zero3_fine_tune_on_two_ranks_evaluates_uneven_shards_in_lockstep(tmp_pa
     model = swinv2.create_model(spec["name"], **spec["options"])
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(weights)
-    cfg = DataConfig(eval_urls="::".join(paths), img_size=64, batch_size=4, num_workers=0)
-    alone = evaluate(model, build_loader(cfg, "eval", rank=0, world_size=1), "cpu")
+    cfg = DataConfig(eval_urls="::".join(paths), batch_size=4, num_workers=0)
+    alone = evaluate(model, build_loader(cfg, "eval", rank=0, world_size=1, img_size=64), "cpu")
     assert alone["top1"] == pytest.approx(best["top1"]) and alone["loss"] == pytest.approx(best["loss"], rel=1e-5)

@@ -109,7 +109,7 @@ def _simmim() -> tuple[SimMIM, MaskGenerator]:
 def _heldout_on_rank(rank: int, world: int, urls: list[str]) -> dict:
     model, generator = _simmim()
     cfg = DataConfig(eval_urls="::".join(urls), batch_size=3, num_workers=0)
-    loader = build_loader(cfg, "heldout", HeldOutTransform(32), rank=rank, world_size=world)
+    loader = build_loader(cfg, "heldout", HeldOutTransform(32), rank=rank, world_size=world, img_size=32)
     result = heldout_loss(model, loader, generator, torch.device("cpu"), keep=2)
     return {"loss": result.loss, "count": result.count, "kept": len(result.images), "zero": result.zero_loss}
 

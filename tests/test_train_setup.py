@@ -14,8 +14,10 @@ import swinv2
 from simmim import SimMIM
 from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
+from swinv2.data import DataConfig
 from swinv2.train.config import ConfigError, load_config
 from swinv2.train.engine import accumulation_steps, deepspeed_config, scaled_lrs, slurm_env
+from swinv2.train.finetune_config import FinetuneConfig
 from swinv2.train.optim import StepSchedule, layer_ids, lr_at, no_weight_decay_params, param_groups
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -72,6 +74,20 @@ def test_overrides_apply_with_types():
 def test_bad_config_names_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(PretrainConfig, None, overrides)
+
+
+@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig])
+def test_data_img_size_is_refused_with_the_fix(tmp_path, schema):
+    """One image size, the model's: a YAML or override still setting data.img_size fails at start-up saying so."""
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text("data:\n  img_size: 224\n")
+    for path, overrides in ((yaml_file, []), (None, ["data.img_size=224"])):
+        with pytest.raises(ConfigError) as error:
+            load_config(schema, path, overrides)
+        message = str(error.value)
+        assert "data.img_size" in message and "set model.img_size instead" in message and "\n" not in message
+    with pytest.raises(ValueError, match="set model.img_size instead"):
+        DataConfig.coerce({"img_size": 224})
 
 
 def test_missing_config_file_is_one_sentence(tmp_path):

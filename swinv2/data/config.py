@@ -9,6 +9,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "random")
 ERASE_MODES = ("const", "rand", "pixel")
+IMG_SIZE_MOVED = ("data.img_size is no longer an option: the images are cropped to the model's input size, so set "
+                  "model.img_size instead (or pass img_size= to swinv2.data.build_loader).")
 
 
 @dataclass
@@ -16,7 +18,9 @@ class DataConfig:
     """Where the shards are and how they are streamed, decoded, augmented and batched.
 
     Sizes are per rank: ``batch_size`` images per step on each rank, ``samples_per_epoch`` images each rank
-    sees per training epoch (``0``: the data set size from ``dataset.json`` divided by the world size).
+    sees per training epoch (``0``: the data set size from ``dataset.json`` divided by the world size). The image
+    size is not a data option: it is the model's input size (``model.img_size``), handed to
+    :func:`swinv2.data.build_loader` as ``img_size``.
     URLs are brace patterns, folders, globs, ``pipe:``/``s3://``/``gs://``/``http(s)://`` URLs or
     ``demo:train``/``demo:val``; several are joined with ``::`` (see :func:`swinv2.data.expand_urls`).
     """
@@ -26,11 +30,11 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int | None = None  # None: batch_size
     num_workers: int = 4
-    img_size: int = 192
     samples_per_epoch: int = 0
     shuffle_buffer: int = 2000  # raw (undecoded) samples held per worker; 0 turns shuffling off
     seed: int = 0
-    # JPEGs decode at 1/2, 1/4 or 1/8 scale while their shorter side stays >= draft_factor * img_size; 0 = off.
+    # JPEGs decode at 1/2, 1/4 or 1/8 scale while their shorter side stays >= draft_factor * the model's img_size;
+    # 0 = off.
     draft_factor: float = 1.5
     # Evaluation: resize the shorter side to img_size / crop_pct, then centre crop img_size.
     crop_pct: float = 0.875
@@ -67,7 +71,6 @@ class DataConfig:
         need(self.eval_batch_size is None or (_int(self.eval_batch_size) and self.eval_batch_size > 0),
              "eval_batch_size", "a positive integer or null")
         need(_int(self.num_workers) and self.num_workers >= 0, "num_workers", "a non-negative integer")
-        need(_int(self.img_size) and self.img_size >= 16, "img_size", "an integer of at least 16")
         need(_int(self.samples_per_epoch) and self.samples_per_epoch >= 0, "samples_per_epoch",
              "a non-negative integer (0 = data set size / world size)")
         need(_int(self.shuffle_buffer) and self.shuffle_buffer >= 0, "shuffle_buffer", "a non-negative integer")
@@ -112,6 +115,8 @@ class DataConfig:
             raise TypeError(f"expected a DataConfig or a mapping of its fields, got {type(cfg).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
+        if "img_size" in unknown:
+            raise ValueError(IMG_SIZE_MOVED)
         if unknown:
             raise ValueError(f"data.{unknown[0]} is not a data option; the options are: {', '.join(sorted(known))}.")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

@@ -122,13 +122,13 @@ class ShardStream(IterableDataset):
     """One rank's stream of collated batches (dicts); each DataLoader worker runs its own share of it."""
 
     def __init__(self, urls: list[str], kind: Kind, cfg: DataConfig, transform: Callable, rank: int,
-                 world_size: int, batch_size: int, batches_per_epoch: int | None):
+                 world_size: int, batch_size: int, batches_per_epoch: int | None, img_size: int):
         super().__init__()
         self.urls, self.kind, self.cfg, self.transform = urls, kind, cfg, transform
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.epoch = 0  # set by ShardLoader before each epoch; workers get a fresh copy per epoch
-        self.min_side = math.ceil(cfg.draft_factor * cfg.img_size) if cfg.draft_factor else 0
+        self.min_side = math.ceil(cfg.draft_factor * img_size) if cfg.draft_factor else 0
         self.shard_sizes = shard_sizes(urls)  # samples per shard (dataset.json), to count what a broken one lost
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -311,9 +311,13 @@ class ShardLoader:
 
 
 def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = None, rank: int | None = None,
-                 world_size: int | None = None, urls: str | list[str] | None = None) -> ShardLoader:
+                 world_size: int | None = None, urls: str | list[str] | None = None, *,
+                 img_size: int) -> ShardLoader:
     """Build the loader for ``kind``: ``"pretrain"`` (SimMIM), ``"train"`` (fine-tuning), ``"eval"`` or
     ``"heldout"`` (unlabelled, every sample once, e.g. SimMIM's held-out loss; needs a transform).
+
+    ``img_size`` is the model's input size (``model.img_size``): the default transforms crop to it and JPEGs are
+    decoded at a reduced scale while their shorter side stays at least ``data.draft_factor`` times it.
 
     ``cfg`` is a :class:`DataConfig` (or a mapping / OmegaConf node of one). ``transform`` maps an RGB PIL image
     to a tensor, or to ``(image, mask)`` (SimMIM: ``simmim.PretrainTransform``); ``"pretrain"`` needs one,
@@ -324,6 +328,8 @@ def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = No
     cfg = DataConfig.coerce(cfg)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+    if not (isinstance(img_size, int) and not isinstance(img_size, bool) and img_size >= 16):
+        raise ValueError(f"img_size must be the model's input size, an integer of at least 16, got {img_size!r}.")
     rank, world_size = resolve_rank(rank, world_size)
     field = "eval_urls" if kind in ONCE else "train_urls"
     spec = urls if urls is not None else getattr(cfg, field)
@@ -335,7 +341,7 @@ def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = No
         if kind in ("pretrain", "heldout"):
             raise ValueError(f"kind={kind!r} needs transform=simmim.PretrainTransform(...) (or simmim.HeldOutTransform "
                              "for kind='heldout').")
-        transform = train_transform(cfg) if kind == "train" else eval_transform(cfg)
+        transform = train_transform(cfg, img_size) if kind == "train" else eval_transform(cfg, img_size)
 
     if kind in ONCE:
         batch_size = cfg.eval_batch_size or cfg.batch_size
@@ -355,7 +361,7 @@ def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = No
             raise DataError(f"an epoch of {per_rank} samples per rank is less than one batch of {batch_size}; "
                              "raise data.samples_per_epoch or lower data.batch_size.")
 
-    stream = ShardStream(shard_urls, kind, cfg, transform, rank, world_size, batch_size, num_batches)
+    stream = ShardStream(shard_urls, kind, cfg, transform, rank, world_size, batch_size, num_batches, img_size)
     workers = cfg.num_workers
     loader = wds.WebLoader(
         stream,

@@ -28,10 +28,11 @@ def _fix_posterize(transform: Callable) -> Callable:
     return transform
 
 
-def train_transform(cfg: DataConfig) -> Callable:
-    """Fine-tuning augmentation: RandomResizedCrop, flip, RandAugment/colour jitter, normalise, random erasing."""
+def train_transform(cfg: DataConfig, img_size: int) -> Callable:
+    """Fine-tuning augmentation to ``img_size`` (the model's input): RandomResizedCrop, flip, RandAugment/colour
+    jitter, normalise, random erasing."""
     transform = create_transform(
-        cfg.img_size,
+        img_size,
         is_training=True,
         scale=tuple(cfg.scale),
         ratio=tuple(cfg.ratio),
@@ -48,11 +49,11 @@ def train_transform(cfg: DataConfig) -> Callable:
     return _fix_posterize(transform)
 
 
-def eval_transform(cfg: DataConfig) -> Callable:
-    """Resize the shorter side to ``img_size / crop_pct``, centre crop ``img_size``, normalise."""
+def eval_transform(cfg: DataConfig, img_size: int) -> Callable:
+    """Resize the shorter side to ``img_size / crop_pct``, centre crop ``img_size`` (the model's input), normalise."""
     interpolation = "bicubic" if cfg.interpolation == "random" else cfg.interpolation
     return create_transform(
-        cfg.img_size,
+        img_size,
         is_training=False,
         crop_pct=cfg.crop_pct,
         interpolation=interpolation,

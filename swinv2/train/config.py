@@ -18,6 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..data.config import IMG_SIZE_MOVED
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # deepspeed.precision -> dtype
 PRECISIONS = tuple(DTYPES)
 SCHEDULES = ("multistep", "cosine")
@@ -144,6 +146,8 @@ def load_config(schema: type, path: str | os.PathLike | None = None, overrides: 
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
+        if key == "data.img_size":  # one image size, the model's
+            raise ConfigError(IMG_SIZE_MOVED) from None
         first = str(error).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {first}; fix it in the YAML file or the key=value override") from None
     except ValueError as error:  # a section's own validation (e.g. DataConfig) already names the key

@@ -108,6 +108,6 @@ def evaluate_checkpoint(checkpoint: str, urls: str, spec: dict, *, batch_size: i
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model.to(device=device, dtype=dtype)
     size = spec["options"].get("img_size", model.img_size)
-    cfg = DataConfig(eval_urls=urls, img_size=size if isinstance(size, int) else size[0], batch_size=batch_size,
-                     num_workers=num_workers, crop_pct=crop_pct)
-    return evaluate(model, build_loader(cfg, "eval"), device, dtype), report
+    cfg = DataConfig(eval_urls=urls, batch_size=batch_size, num_workers=num_workers, crop_pct=crop_pct)
+    loader = build_loader(cfg, "eval", img_size=size if isinstance(size, int) else size[0])
+    return evaluate(model, loader, device, dtype), report

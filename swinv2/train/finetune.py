@@ -9,7 +9,7 @@ RandAugment and random erasing (the data stream), Mixup/CutMix with label smooth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     announce_config(cfg, out, rank)
 
     model = build_classifier(cfg.model)
-    data_cfg = replace(cfg.data, img_size=cfg.model.img_size)
-    train_loader = build_loader(data_cfg, "train", rank=rank, world_size=world)
-    eval_loader = build_loader(data_cfg, "eval", rank=rank, world_size=world)
+    train_loader = build_loader(cfg.data, "train", rank=rank, world_size=world, img_size=cfg.model.img_size)
+    eval_loader = build_loader(cfg.data, "eval", rank=rank, world_size=world, img_size=cfg.model.img_size)
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
     epoch_steps = steps_per_epoch(len(train_loader), accumulation)
     total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))

@@ -75,8 +75,7 @@ class EvalConfig:
 class FinetuneConfig:
     """Everything ``launch/finetune.py`` needs. ``pretrained``: a pretraining run directory or DeepSpeed
     checkpoint, or a weights file (ours, the authors' SimMIM or classification checkpoint, timm's); empty
-    (``pretrained=``) trains from scratch. ``data.img_size`` follows ``model.img_size`` (the crop is the model's
-    input)."""
+    (``pretrained=``) trains from scratch. The images are cropped to ``model.img_size``."""
 
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,8 +131,7 @@ def check_finetune(cfg: FinetuneConfig) -> None:
 
 
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
-    """Schema defaults <- YAML <- ``key=value`` overrides, validated; ``data.img_size`` set to ``model.img_size``."""
+    """Schema defaults <- YAML <- ``key=value`` overrides, validated (the shared checks and fine-tuning's own)."""
     cfg: Any = load_config(FinetuneConfig, path, overrides)
-    cfg.data.img_size = cfg.model.img_size
     check_finetune(cfg)
     return cfg
