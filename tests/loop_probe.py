@@ -13,8 +13,8 @@ Nothing is replaced: every instrument calls the real function and only records.
   the next batch) until step n + 1 begins.
 - ``LOOP_PROBE_NONFINITE="step:rank:kind[:always]"`` makes rank ``rank``'s loss non-finite in optimizer step
   ``step`` (``kind`` ``nan``: multiplied by NaN; ``inf``: plus infinity, which leaves its gradients finite), the
-  first time that step runs (or every time, with ``always``): a test-only wrapper around the run's
-  ``compute_loss``.
+  first time that step runs (or every time, with ``always``): a test-only wrapper around the ``compute_loss`` the
+  run passes to ``swinv2.train.loop.train_loop``.
 - ``LOOP_PROBE_SIGTERM_AT=n``: the process sends itself SIGTERM as optimizer step n begins (its first forward).
 - ``LOOP_PROBE_SYNC_DEBUG=1`` (CUDA): ``torch.cuda.set_sync_debug_mode("warn")`` inside ``step`` phases of steps
   after the third, and ``after`` phases of steps that are not in ``LOOP_PROBE_SYNC_STEPS`` (comma-separated);
@@ -103,11 +103,12 @@ def _instrument_engine() -> None:
 
 
 def _inject_nonfinite(spec: str) -> None:
-    """Wrap the compute_loss that ``simmim.pretrain`` hands to the step loop (test-only fault injection)."""
-    import simmim.pretrain
+    """Wrap the compute_loss that the run hands to the step loop (test-only fault injection). Done before the run's
+    modules import ``train_loop`` by name, so they import the wrapper."""
+    import swinv2.train.loop as loop
 
     at, on_rank, kind, *always = spec.split(":")
-    real_loop = simmim.pretrain.train_loop
+    real_loop = loop.train_loop
 
     def train_loop(engine, loader, compute_loss, **kwargs):
         rank = torch.distributed.get_rank()
@@ -124,7 +125,7 @@ def _inject_nonfinite(spec: str) -> None:
 
         return real_loop(engine, loader, poisoned, **kwargs)
 
-    simmim.pretrain.train_loop = train_loop
+    loop.train_loop = train_loop
 
 
 def _save(path: str) -> None:
