@@ -1,4 +1,4 @@
-"""Everything this project can only learn on a GPU, in one command that writes one folder (about 5 min on one GPU):
+"""Everything this project can only learn on a GPU, in one command that writes one folder (about 10 min on one GPU):
 
     python benchmarks/gpu_check.py --out gpu_check            # then read gpu_check/summary.json
 
@@ -10,6 +10,10 @@
 4. ``benchmarks/model_speed.py`` in bf16 against timm (SwinV2-B/192, batch 64), with its per-attention-path rows.
 5. ``benchmarks/plan_gpu_check.py``: the planner's predicted memory and step time against SimMIM SwinV2-B and -L
    training steps (``torch.cuda.max_memory_allocated``), to replace its stated allowance and MFU with measured ones.
+6. The real launcher, ``launch/pretrain.py`` with ``configs/simmim/swinv2_base_192.yaml`` (SwinV2-B 192/w12, bf16) on
+   the built-in demo data, ZeRO-2, one GPU, a few dozen steps, with and without ``run.compile`` and
+   ``model.checkpoint_activations``: images/s and the other numbers of its step lines (TFLOP/s and MFU when the loop
+   logs them), peak memory, and the wall time of each run (compilation included).
 
 Each part runs in its own try (and the subprocesses under a time limit), so one failure still leaves the others'
 results. Without a GPU it writes what it can (the skipped pytest run) and says that the rest needs one.
@@ -21,6 +25,9 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -143,6 +150,79 @@ def planner(out: Path) -> list:
     return json.loads((out / "plan_gpu_check.json").read_text())
 
 
+PRETRAIN_VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (compile, checkpoint activations)
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) (.*)$")
+
+
+def step_numbers(text: str) -> dict[int, dict[str, float]]:
+    """``{step: {key: number}}`` from the loop's console lines ``step S/T key value key value ...``; values that are
+    not numbers (an ETA such as ``1m02s``) are left out, so new keys are picked up without knowing their names."""
+    out: dict[int, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = STEP_LINE.match(line.strip())
+        if not m:
+            continue
+        tokens, row = m[3].split(), {}
+        for key, value in zip(tokens[::2], tokens[1::2], strict=False):
+            try:
+                row[key] = float(value.rstrip("%"))
+            except ValueError:
+                pass
+        out[int(m[1])] = row
+    return out
+
+
+def summarise_steps(steps: dict[int, dict[str, float]], skip: int) -> dict:
+    """Medians of every logged number over the steps after the first ``skip`` (compilation and warm-up), and the
+    largest ``peak_memory_mb``."""
+    later = [steps[s] for s in sorted(steps) if s > skip] or [steps[s] for s in sorted(steps)]
+    keys = sorted({k for row in later for k in row})
+    out = {k: statistics.median(row[k] for row in later if k in row) for k in keys}
+    if any("peak_memory_mb" in row for row in steps.values()):
+        out["peak_memory_mb"] = max(row.get("peak_memory_mb", 0.0) for row in steps.values())
+    out["steps_logged"], out["steps_summarised"] = len(steps), len(later)
+    return out
+
+
+def pretrain_launcher(out: Path, steps: int = 30, batch: int = 128, variants=PRETRAIN_VARIANTS, overrides=(),
+                      timeout: float = 420) -> dict:
+    """``launch/pretrain.py`` as a user runs it: the SwinV2-B 192/w12 config in bf16 with ZeRO-2 on one process
+    (GPU 0, or the CPU), the demo data, ``steps`` steps of ``batch`` images, once per (compile, checkpoint
+    activations) variant; ``overrides`` shrink it for the CPU. Each run's console is kept as
+    ``out/pretrain_<name>.log``."""
+    rows = {}
+    for compiled, checkpointing in variants:
+        name = f"compile_{str(compiled).lower()}_ckpt_{str(checkpointing).lower()}"
+        run_dir = out / f"pretrain_{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "launch/pretrain.py", "--config", "configs/simmim/swinv2_base_192.yaml",
+               "data.train_urls=demo:train", "data.num_workers=6", f"data.batch_size={batch}",
+               f"deepspeed.global_batch={batch}", "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
+               f"run.compile={str(compiled).lower()}", f"model.checkpoint_activations={str(checkpointing).lower()}",
+               f"run.max_steps={steps}", "run.log_every=1", "run.image_every=0", "checkpoint.every_steps=1000000",
+               "wandb.mode=disabled", f"run.output_dir={run_dir}", *overrides]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            rows[name] = {"error": f"timed out after {timeout} s", "wall_s": round(time.perf_counter() - start, 1)}
+            (out / f"pretrain_{name}.log").write_text(str(error.stdout or "") + str(error.stderr or ""))
+            continue
+        wall = round(time.perf_counter() - start, 1)
+        (out / f"pretrain_{name}.log").write_text(proc.stdout + proc.stderr)
+        logged = step_numbers(proc.stdout)
+        row = {"returncode": proc.returncode, "wall_s": wall, "compile": compiled,
+               "checkpoint_activations": checkpointing}
+        if logged:
+            row.update(summarise_steps(logged, skip=min(5, max(1, len(logged) // 4))))
+            row["first_step"] = logged[min(logged)]
+        if proc.returncode:
+            row["stderr_tail"] = proc.stderr[-2000:]
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a SwinV2-B ZeRO checkpoint is ~1.5 GB
+        rows[name] = row
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check", help="folder for every result (created)")
@@ -151,6 +231,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # DeepSpeed JIT-builds ops with the first ninja on PATH: the environment's own (see tests/conftest.py).
+    os.environ["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
 
     summary: dict = {"torch": torch.__version__, "python": platform.python_version(),
                      "cuda_available": torch.cuda.is_available()}
@@ -159,9 +241,10 @@ def main() -> None:
     parts = [("cuda_tests", lambda: run_cuda_tests(out))]
     if torch.cuda.is_available():
         parts += [("bf16_vs_fp32_logits", bf16_vs_fp32_logits), ("sdpa_vs_explicit", sdpa_vs_explicit),
-                  ("model_speed_bf16", lambda: model_speed(out)), ("planner", lambda: planner(out))]
+                  ("model_speed_bf16", lambda: model_speed(out)), ("planner", lambda: planner(out)),
+                  ("pretrain_launcher", lambda: pretrain_launcher(out))]
     else:
-        summary["note"] = "no CUDA GPU here: the CUDA tests were skipped and parts 2-5 need a GPU"
+        summary["note"] = "no CUDA GPU here: the CUDA tests were skipped and parts 2-6 need a GPU"
     for name, part in parts:
         start = time.perf_counter()
         try:

@@ -14,7 +14,8 @@ Each ``--run NAME OVERRIDE...`` is trained in turn (fresh model and engine). Ran
 "grad_norms": [...], "accumulation": A, "world_size": W, "optimizer": class name, "grad_accum_dtype": ...,
 "seconds": [...]}}``: per optimizer step the loss averaged over every micro batch of every rank, in float64, and the
 wall time of each step (the first includes compilation). ``--checkpoint DIR`` saves each run's engine with our
-``CheckpointManager`` under ``DIR/NAME/checkpoints``.
+``CheckpointManager`` under ``DIR/NAME/checkpoints``. ``--same-micro`` feeds every accumulation step of a step the
+rank's same micro batch: with exact accumulation, N micro steps of it give the very gradient of one.
 """
 
 from __future__ import annotations
@@ -55,14 +56,17 @@ def fixed_batches(steps: int, global_batch: int, img_size: int, masks: MaskGener
     return out
 
 
-def train(cfg: PretrainConfig, steps: int, rank: int, world: int, checkpoint: Path | None) -> dict:
+def train(cfg: PretrainConfig, steps: int, rank: int, world: int, checkpoint: Path | None,
+          same_micro: bool = False) -> dict:
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and run
     model = build_simmim(cfg)
     masks = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, model.patch_size, cfg.simmim.mask_ratio)
-    batches = fixed_batches(steps, cfg.deepspeed.global_batch, cfg.model.img_size, masks)
-    engine = build_engine(model, cfg, world, steps_per_epoch=steps)  # the schedule spans these steps
     dtype, micro, per_rank = DTYPES[cfg.deepspeed.precision], cfg.data.batch_size, cfg.deepspeed.global_batch // world
+    if same_micro:  # every micro batch of a step is the rank's one micro batch (the same, whatever the accumulation)
+        per_rank = micro
+    batches = fixed_batches(steps, per_rank * world, cfg.model.img_size, masks)
+    engine = build_engine(model, cfg, world, steps_per_epoch=steps)  # the schedule spans these steps
     losses, grad_norms, seconds = [], [], []
     for images, mask in batches:
         start = time.perf_counter()
@@ -70,7 +74,7 @@ def train(cfg: PretrainConfig, steps: int, rank: int, world: int, checkpoint: Pa
         images, mask = images[mine].to(dtype), mask[mine]
         total = torch.zeros((), dtype=torch.float64)
         for a in range(accumulation):
-            part = slice(a * micro, (a + 1) * micro)
+            part = slice(0, micro) if same_micro else slice(a * micro, (a + 1) * micro)
             loss = engine(images[part], mask[part])
             engine.backward(loss)
             engine.step()
@@ -94,6 +98,8 @@ def main() -> None:
     parser.add_argument("--run", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE"))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--checkpoint", default=None, help="save each run's engine under DIR/NAME")
+    parser.add_argument("--same-micro", action="store_true",
+                        help="repeat each rank's one micro batch for every accumulation step of a step")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher adds it
     args = parser.parse_args()
 
@@ -102,7 +108,7 @@ def main() -> None:
     for name, *overrides in args.run:
         cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", TINY + overrides)
         checkpoint = Path(args.checkpoint) / name if args.checkpoint else None
-        results[name] = train(cfg, args.steps, rank, world, checkpoint)
+        results[name] = train(cfg, args.steps, rank, world, checkpoint, args.same_micro)
         torch._dynamo.reset()  # the next run compiles its own model
     if rank == 0:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -29,3 +29,29 @@ def test_sdpa_against_explicit_part_runs_on_the_cpu():
     assert fp32["sdpa"]["loss"] == pytest.approx(fp32["explicit"]["loss"], rel=1e-5)
     assert fp32["max_relative_grad_diff"]["value"] < 1e-4  # the same function on the CPU
     assert torch.isfinite(torch.tensor(fp32["sdpa"]["median_step_s"]))
+
+
+# The SwinV2-B config shrunk to seconds on 2 CPU cores (a 4-stage width-16 encoder at 64 px, the demo's mask cells).
+TINY_PRETRAIN = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "model.img_size=64",
+                 "model.window_size=4", "simmim.mask_patch_size=8", "simmim.norm_target_patch_size=15",
+                 "data.num_workers=0", "data.samples_per_epoch=32"]
+
+
+@pytest.mark.slow  # one of the two runs compiles (inductor, ~10 s on the CPU)
+def test_pretrain_launcher_part_runs_on_the_cpu(tmp_path):
+    steps = 4
+    rows = gpu_check.pretrain_launcher(tmp_path, steps=steps, batch=4, variants=((False, True), (True, False)),
+                                       overrides=TINY_PRETRAIN)
+    assert set(rows) == {"compile_false_ckpt_true", "compile_true_ckpt_false"}
+    for name, row in rows.items():
+        log = (tmp_path / f"pretrain_{name}.log").read_text()
+        assert row["returncode"] == 0, log[-3000:]
+        assert row["steps_logged"] == steps and row["steps_summarised"] == steps - 1
+        # The medians are those of the run's own console lines (steps 2..4), read back independently here.
+        lines = [line.split() for line in log.splitlines() if line.startswith("step ") and "/" in line.split()[1]]
+        speeds = sorted(float(t[t.index("images_per_s") + 1]) for t in lines[1:])
+        assert row["images_per_s"] == pytest.approx(speeds[len(speeds) // 2]) and row["images_per_s"] > 0
+        assert row["peak_memory_mb"] == max(float(t[t.index("peak_memory_mb") + 1]) for t in lines)
+        assert 0 < row["loss"] < 10 and row["first_step"]["lr"] >= 0
+        assert not (tmp_path / f"pretrain_{name}" / "checkpoints").exists()  # the part removes its checkpoints
+    assert rows["compile_true_ckpt_false"]["compile"] and rows["compile_false_ckpt_true"]["checkpoint_activations"]

@@ -4,8 +4,10 @@ gradients are summed over micro batches or ZeRO-2/3 gradient partitions, and fp3
 Mixed-precision training keeps fp32 master weights and fp32 accumulators (Micikevicius et al., arXiv 1710.03740
 sec. 3); bf16 keeps fp32's range but only an 8-bit significand, so a bf16 sum of many small gradients drops their low
 bits. The loss-curve test trains the same tiny SimMIM model on the same fixed batches with our real engine on two
-processes (``tests/engine_curves.py``): fp32, bf16 with fp32 accumulation (our derived config) and, for contrast, bf16
-with bf16 accumulation (DeepSpeed's default without the setting).
+processes (``tests/engine_curves.py``): fp32 against bf16 with fp32 accumulation (our derived config). On that curve
+bf16's rounding of weights and activations hides how gradients are summed, so a second test isolates the summing:
+the same micro batch accumulated 8 times must give exactly one micro batch's gradient, which fp32 accumulation does
+and DeepSpeed's bf16 default does not.
 """
 
 from __future__ import annotations
@@ -89,38 +91,60 @@ Z2_ACCUM = ["deepspeed.zero_stage=2", "deepspeed.global_batch=16", "data.batch_s
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    """20 steps of ZeRO-2 with 2 accumulation steps on 2 processes: fp32, bf16 as derived (fp32 accumulation), bf16
-    with DeepSpeed's bf16 accumulation; and ZeRO-1 bf16 with accumulation, saved for the checkpoint test."""
+    """20 steps of ZeRO-2 with 2 accumulation steps on 2 processes, fp32 and bf16 as derived (fp32 accumulation);
+    and ZeRO-1 bf16 with accumulation; both bf16 engines saved for the checkpoint test."""
     tmp = tmp_path_factory.mktemp("precision")
-    bf16_accumulation = tmp / "bf16_accumulation.json"
-    bf16_accumulation.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}}))
     result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), HELPER,
                   "--out", str(tmp / "curves.json"), "--steps", str(STEPS), "--checkpoint", str(tmp),
-                  "--run", "fp32", *Z2_ACCUM,
-                  "--run", "bf16", *Z2_ACCUM, "deepspeed.precision=bf16",
-                  "--run", "bf16_accumulating_in_bf16", *Z2_ACCUM, "deepspeed.precision=bf16",
-                  f"deepspeed.extra_json={bf16_accumulation}",
+                  "--run", "fp32", *Z2_ACCUM, "--run", "bf16", *Z2_ACCUM, "deepspeed.precision=bf16",
                   "--run", "zero1_bf16", "deepspeed.zero_stage=1", "deepspeed.global_batch=16", "data.batch_size=4",
                   "deepspeed.precision=bf16"])
     assert result.returncode == 0, describe(result)
     return json.loads((tmp / "curves.json").read_text()), tmp
 
 
+@pytest.mark.slow
 def test_bf16_zero2_accumulation_follows_fp32(curves):
     runs, _ = curves
-    fp32, bf16, bf16_acc = (np.array(runs[k]["losses"]) for k in ("fp32", "bf16", "bf16_accumulating_in_bf16"))
+    fp32, bf16 = np.array(runs["fp32"]["losses"]), np.array(runs["bf16"]["losses"])
     assert runs["bf16"]["accumulation"] == 2 and runs["bf16"]["world_size"] == 2
     assert runs["bf16"]["grad_accum_dtype"] == "fp32"
-    assert runs["bf16_accumulating_in_bf16"]["grad_accum_dtype"] == "bf16"
     assert fp32[-5:].mean() < 0.9 * fp32[:5].mean(), fp32  # the reference trains
     gap = np.abs(bf16 - fp32) / fp32
-    # bf16 weights and activations alone put each step's loss ~1e-2 (relative) from fp32 (2^-8 = 0.4 % rounding per
-    # value); measured here up to about 0.3 %, so 2 % leaves room without admitting a diverging curve.
-    assert gap.max() < 0.02, gap
-    print(f"largest relative loss gap to fp32: bf16 (fp32 accumulation) {gap.max():.2e}, "
-          f"bf16 accumulation {(np.abs(bf16_acc - fp32) / fp32).max():.2e}")
+    # bf16 weights and activations round every value to 2^-9 relative; measured: each step's loss within 1.9e-3
+    # (relative) of fp32 over 20 steps. (With bf16 accumulation it was 2.0e-3, and 2.5e-3 against 1.7e-3 with 8
+    # micro batches: on this loss curve the rounding of the weights hides the accumulation; the test below sees it.)
+    assert gap.max() < 1e-2, gap
+    print(f"largest relative loss gap of bf16 (fp32 accumulation) to fp32 over {STEPS} steps: {gap.max():.2e}")
 
 
+@pytest.mark.slow
+def test_fp32_accumulation_of_bf16_gradients_is_exact(tmp_path):
+    """8 accumulation steps over the same micro batch must give exactly the gradient of one step over it: the engine
+    scales each micro batch's loss by 1/8 (exact, a power of two) and sums 8 equal bf16 gradients, which fp32 holds
+    exactly (a bf16 value times 1..8 needs at most 11 significant bits) and bf16 (8 bits) rounds. So with the derived
+    fp32 accumulation the whole curve, weights updated by Adam included, is bit-identical to the one-micro-batch run;
+    with DeepSpeed's bf16 accumulation (the default without the setting) it is not (measured: gradient norm 2e-5
+    relative off at the first step)."""
+    bf16_accumulation = tmp_path / "bf16_accumulation.json"
+    bf16_accumulation.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}}))
+    common = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16", "data.batch_size=1"]
+    eight = ["deepspeed.global_batch=16", "optim.lr_batch_reference=16"]  # the same LR as one micro batch's run
+    result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), HELPER,
+                  "--out", str(tmp_path / "same.json"), "--steps", "3", "--same-micro",
+                  "--run", "one", *common, "deepspeed.global_batch=2", "optim.lr_batch_reference=2",
+                  "--run", "eight", *common, *eight,
+                  "--run", "eight_in_bf16", *common, *eight, f"deepspeed.extra_json={bf16_accumulation}"])
+    assert result.returncode == 0, describe(result)
+    runs = json.loads((tmp_path / "same.json").read_text())
+    one, eight_fp32, eight_bf16 = runs["one"], runs["eight"], runs["eight_in_bf16"]
+    assert (one["accumulation"], eight_fp32["accumulation"]) == (1, 8)
+    assert eight_fp32["grad_accum_dtype"] == "fp32" and eight_bf16["grad_accum_dtype"] == "bf16"
+    assert eight_fp32["grad_norms"] == one["grad_norms"] and eight_fp32["losses"] == one["losses"]
+    assert eight_bf16["grad_norms"][0] != one["grad_norms"][0]  # bf16 accumulation rounds
+
+
+@pytest.mark.slow
 def test_saved_optimizer_state_is_fp32(curves):
     """The checkpoints' optimizer files hold fp32 master weights and moments and say fp32 accumulation (ZeRO-2:
     DeepSpeed's ZeRO optimizer; ZeRO-1 with accumulation: DeepSpeed's BF16_Optimizer, its gradient buffers fp32)."""
