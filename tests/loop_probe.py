@@ -141,7 +141,11 @@ def main() -> None:
     if os.environ.get("LOOP_PROBE_NONFINITE"):
         _inject_nonfinite(os.environ["LOOP_PROBE_NONFINITE"])
     if SYNC_DEBUG:
+        shown = warnings.showwarning
+
         def showwarning(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return shown(message, category, filename, lineno, file, line)
             state["syncs"].append({"phase": list(state["phase"]), "message": str(message)[:200],
                                    "where": _caller()})
         warnings.showwarning = showwarning
