@@ -1,8 +1,10 @@
 """SimMIM pretraining step: ours against the same SimMIM head on timm's Swin encoder (same weights), in one run.
 
 One step = forward, L1 loss on masked pixels, backward and AdamW update, as in pretraining. Reports images/s,
-peak memory and model FLOPs utilisation (MFU: FLOPs of forward + backward counted by
-``torch.utils.flop_counter``, divided by the step time and by the matmul peak measured on this machine now).
+peak memory and model FLOPs utilisation (MFU) from the counter the training logs use
+(:mod:`swinv2.train.throughput`): model FLOPs = 3 x the forward FLOPs of the batch (``swinv2.flops``, activation
+recomputation not counted) / step time / peak, the peak being the GPU's datasheet figure for the dtype or, on the
+CPU, a matmul peak measured on this machine now (``--peak-tflops`` overrides it).
 Each round times both sides back to back (alternating order); the ratio is the median of the per-round ratios.
 
     python benchmarks/pretrain_speed.py                         # the demo model (configs/demo.yaml), CPU, fp32
@@ -21,17 +23,17 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import swinv2  # noqa: E402
-from benchmarks.model_speed import paired_rounds, peak_memory_mb, timed  # noqa: E402
+from benchmarks.model_speed import paired_rounds, peak_memory_mb  # noqa: E402
 from simmim import MaskGenerator, SimMIM  # noqa: E402
 from simmim.config import PretrainConfig  # noqa: E402
-from simmim.pretrain import build_simmim  # noqa: E402
+from simmim.pretrain import build_simmim, simmim_flops  # noqa: E402
 from swinv2.train.config import load_config  # noqa: E402
+from swinv2.train.throughput import device_peak, step_flops  # noqa: E402
 
 
 class TimmSimMIM(SimMIM):
@@ -54,16 +56,6 @@ class TimmSimMIM(SimMIM):
         return self.decoder(x.permute(0, 3, 1, 2))
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Best of a few large square matmuls: this machine's practical peak for the dtype."""
-    n = 4096 if device.type == "cuda" else 1536
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        best = min(best, timed(lambda: a @ b, device))
-    return 2 * n**3 / best / 1e12
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -72,6 +64,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-activations", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device for MFU (default: the "
+                        "GPU's datasheet figure, or measured on the CPU)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -117,12 +111,8 @@ def main() -> None:
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        with autocast:
-            ours(images, mask).backward()
-    ours.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-    peak = matmul_peak_tflops(device, dtype)
+    flops = step_flops(simmim_flops(cfg), batch, accumulation=1)  # what the training logs count
+    peak = device_peak(device, args.dtype, args.peak_tflops)
 
     times, peaks = {"ours": [], "timm": []}, {}
     for name, model in (("ours", ours), ("timm", ref)):
@@ -137,11 +127,13 @@ def main() -> None:
     result = {"config": args.config, "model": cfg.model.name, "img_size": m.img_size, "batch": batch,
               "dtype": args.dtype, "device": str(device), "checkpoint_activations": args.checkpoint_activations,
               "torch_version": torch.__version__, "timm_version": timm.__version__,
-              "matmul_peak_tflops": round(peak, 3), "gflops_per_step": round(flops / 1e9, 2)}
+              "peak_tflops": round(peak.tflops, 3), "peak_source": peak.source,
+              "model_gflops_per_step": round(flops / 1e9, 2)}
     for name in times:
         seconds = statistics.median(times[name])
         result[name] = {"img_s": round(batch / seconds, 2), "step_s": round(seconds, 4),
-                        "mfu": round(flops / seconds / 1e12 / peak, 4), "peak_mb": round(peaks[name], 1)}
+                        "mfu_pct": round(100 * flops / seconds / 1e12 / peak.tflops, 3),
+                        "peak_mb": round(peaks[name], 1)}
     result["speed_ratio"] = round(ratio, 3)  # median of the per-round ratios
     print(json.dumps(result, indent=1))
     if args.json:
