@@ -116,4 +116,5 @@ def test_skip_without_an_overflow_check_is_a_config_error(tmp_path):
     assert result.returncode == 2, describe(result)
     assert result.stderr.strip().splitlines()[-1] == (
         "error: run.on_nonfinite=skip needs DeepSpeed to drop updates with non-finite gradients, which fp32 without "
-        "ZeRO does not: set deepspeed.zero_stage to 1 or more, or use run.on_nonfinite=rollback")
+        "ZeRO and bf16 with check_grad_overflow off do not: set deepspeed.zero_stage to 1 or more (and leave "
+        "bf16.check_grad_overflow on), or use run.on_nonfinite=rollback")

@@ -322,8 +322,8 @@ def train_loop(
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if run.on_nonfinite == "skip" and not _drops_nonfinite_updates(engine):
         raise ConfigError("run.on_nonfinite=skip needs DeepSpeed to drop updates with non-finite gradients, which "
-                          "fp32 without ZeRO does not: set deepspeed.zero_stage to 1 or more, or use "
-                          "run.on_nonfinite=rollback")
+                          "fp32 without ZeRO and bf16 with check_grad_overflow off do not: set deepspeed.zero_stage "
+                          "to 1 or more (and leave bf16.check_grad_overflow on), or use run.on_nonfinite=rollback")
     stop_at = min(total_steps, max_steps) if max_steps else total_steps
     sync_every = int(getattr(run, "sync_every", 0) or 0)
     step = start_step
