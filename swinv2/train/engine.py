@@ -76,8 +76,9 @@ def fp32_grad_accumulation(precision: str, zero_stage: int, accumulation: int) -
     bf16 has an 8-bit significand: summing micro batches' gradients (accumulation > 1), or the partitions ZeRO-2/3
     reduce into their gradient buffers, in bf16 loses the small contributions (mixed precision keeps fp32 master
     weights and accumulates in fp32: Micikevicius et al., arXiv 1710.03740 sec. 3). What DeepSpeed 0.19 does with
-    the setting: ZeRO-1 switches to its ``BF16_Optimizer`` (fp32 gradient buffers and master weights, partitioned);
-    ZeRO-2 keeps its gradient partitions in fp32; ZeRO-3 its flat gradient-partition buffer. ZeRO-0 cannot do it
+    the setting: ZeRO-1 switches to its ``BF16_Optimizer`` (a full fp32 gradient buffer, 4 bytes per parameter on
+    every rank, and partitioned fp32 master weights); ZeRO-2 keeps its gradient partitions in fp32 (4 bytes per
+    parameter / ranks); ZeRO-3 its flat gradient-partition buffer likewise. ZeRO-0 cannot do it
     (DeepSpeed raises ``NotImplementedError``), so :func:`deepspeed_config` refuses bf16 + accumulation there.
     fp16 keeps DeepSpeed's loss-scaled path unchanged; fp32 accumulates in fp32 anyway.
     """
@@ -122,8 +123,8 @@ def deepspeed_config(cfg: Any, world_size: int, load_universal: bool = False) ->
         if ds.zero_stage == 0:
             raise ConfigError(
                 f"deepspeed.precision=bf16 with {accumulation} micro batches per step would accumulate gradients in "
-                "bf16 (DeepSpeed keeps them in fp32 only under ZeRO): set deepspeed.zero_stage=1 (same memory for "
-                "weights and gradients), or make deepspeed.global_batch = data.batch_size x world size")
+                "bf16 (DeepSpeed sums them in fp32 only under ZeRO): set deepspeed.zero_stage=1 or 2, or make "
+                "deepspeed.global_batch = data.batch_size x world size")
         out["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.extra_json:
         with open(ds.extra_json) as f:
