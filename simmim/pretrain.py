@@ -6,7 +6,6 @@ reach it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,11 +13,8 @@ import torch
 import swinv2
 from swinv2.data import build_loader
 from swinv2.flops import ImageFlops, image_flops
-from swinv2.train.checkpointing import CheckpointManager
-from swinv2.train.config import DTYPES, to_dict
-from swinv2.train.engine import accumulation_steps, build_engine, init_distributed
-from swinv2.train.loop import LoopEnd, train_loop
-from swinv2.train.run import announce_config, resume_and_track, seed_everything, steps_per_epoch
+from swinv2.train.loop import LoopEnd
+from swinv2.train.run import TrainingRun, start_run
 from swinv2.train.tracking import Tracker
 
 from .config import PretrainConfig
@@ -56,28 +52,20 @@ def simmim_flops(cfg: PretrainConfig) -> ImageFlops:
 
 def pretrain(cfg: PretrainConfig) -> LoopEnd:
     """Run (or resume) SimMIM pretraining as configured; returns where the loop stopped."""
-    rank, world = init_distributed()
-    # Needs the world size, so it is checked here rather than in load_config; still a ConfigError (exit 2).
-    accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
-    seed_everything(cfg.run.seed)
-    out = Path(cfg.run.output_dir)
-    announce_config(cfg, out, rank)
+    size = cfg.model.img_size
+    mask_generator: MaskGenerator | None = None
+    monitors: PretrainMonitors | None = None
 
-    model = build_simmim(cfg)
-    mask_generator = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, model.patch_size,
-                                   cfg.simmim.mask_ratio)
-    loader = build_loader(cfg.data, "pretrain", PretrainTransform(cfg.model.img_size, mask_generator), rank, world,
-                          img_size=cfg.model.img_size)
-    epoch_steps = steps_per_epoch(len(loader), accumulation)
-    total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))
-    last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
-    monitors = PretrainMonitors(cfg, mask_generator, rank, world)
+    def streams(run: TrainingRun) -> Any:
+        nonlocal mask_generator, monitors
+        mask_generator = MaskGenerator(size, cfg.simmim.mask_patch_size, run.model.patch_size, cfg.simmim.mask_ratio)
+        loader = build_loader(cfg.data, "pretrain", PretrainTransform(size, mask_generator), run.rank, run.world,
+                              img_size=size)
+        monitors = PretrainMonitors(cfg, mask_generator, run.rank, run.world)
+        return loader
 
-    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
-    point = checkpoints.resume_point(world) if cfg.resume else None
-    engine = build_engine(model, cfg, world, epoch_steps, load_universal=bool(point and point.universal))
-    start_step, data_epoch, tracker = resume_and_track(engine, checkpoints, point, cfg, out, rank, total_steps)
-    dtype = DTYPES[cfg.deepspeed.precision]
+    run = start_run(cfg, lambda run: build_simmim(cfg), streams)
+    engine, dtype, tracker, last_step = run.engine, run.dtype, run.tracker, run.last_step
 
     def compute_loss(batch: dict) -> torch.Tensor:
         images = normalize_images(batch["image"].to(engine.device, non_blocking=True), dtype)
@@ -90,21 +78,12 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
         if monitors.due(step, last_step):
             monitors.run(engine.module, engine.device, dtype, tracker, step)
 
-    if start_step == 0 and monitors.enabled:  # the reference point: the same measures on the initial weights
+    if run.start_step == 0 and monitors.enabled:  # the reference point: the same measures on the initial weights
         monitors.run(engine.module, engine.device, dtype, tracker, 0)
 
-    def client_state(step: int, epoch: int) -> dict:
-        return {"step": step, "data_epoch": epoch, "wandb_id": tracker.run_id, "config": to_dict(cfg),
-                "data_seed": cfg.data.seed}
-
-    end = train_loop(
-        engine, loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
-        tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
-        client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=after_step,
-        run=cfg.run, flops=simmim_flops(cfg),
-    )
-    tracker.print(f"stopped at step {end.step} ({end.reason}); checkpoints in {checkpoints.dir}, "
-                  f"reconstructions in {out / 'images'}")
+    end = run.train(compute_loss, flops=simmim_flops(cfg), on_step=after_step)
+    tracker.print(f"stopped at step {end.step} ({end.reason}); checkpoints in {run.checkpoints.dir}, "
+                  f"reconstructions in {run.out / 'images'}")
     tracker.finish()
     return end
 

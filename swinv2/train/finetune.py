@@ -19,14 +19,12 @@ from torch import nn
 from ..data import build_loader
 from ..flops import ImageFlops, image_flops
 from .checkpointing import CheckpointManager
-from .config import DTYPES, to_dict
-from .engine import accumulation_steps, build_engine, init_distributed
 from .evaluate import evaluate
 from .files import write_text_atomic
 from .finetune_config import FinetuneConfig, mixup_enabled
 from .keep import BestKeeper, EmaCheckpointManager, full_state_dict
-from .loop import LoopEnd, train_loop
-from .run import announce_config, resume_and_track, seed_everything, steps_per_epoch
+from .loop import LoopEnd
+from .run import TrainingRun, start_run
 from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
 
 
@@ -75,34 +73,35 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     resuming = cfg.resume and CheckpointManager(Path(cfg.run.output_dir) / "checkpoints", 0, 0).complete_tags()
     if cfg.pretrained and not resuming:
         check_exists(cfg.pretrained)  # before anything is written to the output directory
-    rank, world = init_distributed()
-    seed_everything(cfg.run.seed)  # same initial head on every rank
-    out = Path(cfg.run.output_dir)
-    announce_config(cfg, out, rank)
+    size = cfg.model.img_size
+    eval_loader: Any = None
+    ema: Any = None
 
-    model = build_classifier(cfg.model)
-    train_loader = build_loader(cfg.data, "train", rank=rank, world_size=world, img_size=cfg.model.img_size)
-    eval_loader = build_loader(cfg.data, "eval", rank=rank, world_size=world, img_size=cfg.model.img_size)
-    accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
-    epoch_steps = steps_per_epoch(len(train_loader), accumulation)
-    total_steps = max(1, round(cfg.schedule.epochs * epoch_steps))
+    def streams(run: TrainingRun) -> Any:
+        nonlocal eval_loader
+        train_loader = build_loader(cfg.data, "train", rank=run.rank, world_size=run.world, img_size=size)
+        eval_loader = build_loader(cfg.data, "eval", rank=run.rank, world_size=run.world, img_size=size)
+        return train_loader
 
-    checkpoints: CheckpointManager = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank)
-    point = checkpoints.resume_point(world) if cfg.resume else None
-    if point is None:
-        _load_starting_weights(model, cfg, out, rank)
-    ema = build_ema(model, cfg)  # before DeepSpeed casts the model to bf16/fp16
-    if ema is not None:
-        checkpoints = EmaCheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, rank, ema)
-    engine = build_engine(model, cfg, world, epoch_steps, load_universal=bool(point and point.universal))
-    if ema is not None:
-        ema.module.to(engine.device)
-    start_step, data_epoch, tracker = resume_and_track(engine, checkpoints, point, cfg, out, rank, total_steps)
+    def prepare(run: TrainingRun) -> None:
+        nonlocal ema
+        if run.point is None:
+            _load_starting_weights(run.model, cfg, run.out, run.rank)
+        ema = build_ema(run.model, cfg)  # before DeepSpeed casts the model to bf16/fp16
+        if ema is not None:
+            run.checkpoints = EmaCheckpointManager(run.out / "checkpoints", cfg.checkpoint.keep_last, run.rank, ema)
+
+    def on_engine(run: TrainingRun) -> None:
+        if ema is not None:
+            ema.module.to(run.engine.device)
+
+    # The same initial head on every rank: start_run seeds every rank alike before build_model.
+    run = start_run(cfg, lambda run: build_classifier(cfg.model), streams, prepare, on_engine)
+    engine, dtype, tracker, out, rank = run.engine, run.dtype, run.tracker, run.out, run.rank
     if rank == 0:  # like config.yaml, only once the run has started (a refused resume keeps the run's own)
         write_model_json(model_spec(cfg.model), out)
-    dtype = DTYPES[cfg.deepspeed.precision]
     mixup, criterion = build_mixup(cfg), build_criterion(cfg)
-    keeper = BestKeeper(out, rank, resumed=point is not None)
+    keeper = BestKeeper(out, rank, resumed=run.point is not None)
     zero3 = cfg.deepspeed.zero_stage == 3
     last: dict[str, Any] = {}
 
@@ -143,22 +142,13 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     def on_epoch_end(data_epoch: int, step: int) -> None:
         every = cfg.eval.every_epochs
         if every and (data_epoch + 1) % every == 0:
-            run_eval(round(step / epoch_steps, 3), step)
+            run_eval(round(step / run.epoch_steps, 3), step)
 
-    def client_state(step: int, epoch: int) -> dict:
-        return {"step": step, "data_epoch": epoch, "wandb_id": tracker.run_id, "config": to_dict(cfg),
-                "data_seed": cfg.data.seed}
-
-    end = train_loop(
-        engine, train_loader, compute_loss, start_step=start_step, total_steps=total_steps, data_epoch=data_epoch,
-        tracker=tracker, checkpoints=checkpoints, checkpoint_every=cfg.checkpoint.every_steps,
-        client_state=client_state, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, on_step=update_ema,
-        on_epoch_end=on_epoch_end, run=cfg.run, flops=classifier_flops(cfg),
-    )
-    if end.reason != "preempted" and end.step > start_step and last.get("step") != end.step:  # the final one
-        run_eval(round(end.step / epoch_steps, 3), end.step)
+    end = run.train(compute_loss, flops=classifier_flops(cfg), on_step=update_ema, on_epoch_end=on_epoch_end)
+    if end.reason != "preempted" and end.step > run.start_step and last.get("step") != end.step:  # the final one
+        run_eval(round(end.step / run.epoch_steps, 3), end.step)
     tracker.print(f"stopped at step {end.step} ({end.reason}); best top-1 {keeper.best_top1:.2f} in "
-                  f"{out / 'best.safetensors'}; checkpoints in {checkpoints.dir}")
+                  f"{out / 'best.safetensors'}; checkpoints in {run.checkpoints.dir}")
     tracker.finish()
     return FinetuneResult(end, dict(last) or None, keeper.best)
 

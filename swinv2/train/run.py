@@ -1,17 +1,23 @@
-"""Start-up steps shared by every training run (pretraining, fine-tuning)."""
+"""The start-up every training run shares (pretraining, fine-tuning): :func:`start_run` and its steps."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..flops import ImageFlops
 from .checkpointing import CheckpointManager, ResumePoint
-from .config import ConfigError, to_dict, to_yaml
+from .config import DTYPES, ConfigError, to_dict, to_yaml
+from .engine import accumulation_steps, build_engine, init_distributed
 from .files import write_text_atomic
+from .loop import LoopEnd, train_loop
 from .tracking import Tracker
 
 
@@ -93,3 +99,93 @@ def resume_and_track(
         universal = " (universal checkpoint: world size changed)" if point.universal else ""
         tracker.print(f"resumed from {checkpoints.dir / point.tag} at step {start_step}{universal}")
     return start_step, data_epoch, tracker
+
+
+@dataclass
+class TrainingRun:
+    """One training run as :func:`start_run` sets it up, field by field in this order; the hooks see the fields
+    set before them. After start-up :meth:`train` runs the step loop."""
+
+    cfg: Any
+    rank: int
+    world: int
+    out: Path
+    accumulation: int  # micro batches per optimizer step on this world size
+    model: nn.Module | None = None
+    loader: Any = None  # the training stream (a swinv2.data.ShardLoader)
+    epoch_steps: int = 0  # optimizer steps per data epoch
+    total_steps: int = 0  # the whole schedule
+    checkpoints: CheckpointManager | None = None
+    point: ResumePoint | None = None  # the checkpoint resumed from, if any
+    engine: Any = None
+    start_step: int = 0
+    data_epoch: int = 0
+    tracker: Tracker | None = None
+    dtype: torch.dtype = torch.float32  # the precision the model's inputs are cast to
+
+    @property
+    def last_step(self) -> int:
+        """The step this invocation stops at: the schedule's end, or ``run.max_steps`` if that comes first."""
+        max_steps = self.cfg.run.max_steps
+        return min(self.total_steps, max_steps) if max_steps else self.total_steps
+
+    def client_state(self, step: int, data_epoch: int) -> dict:
+        """What every checkpoint stores besides DeepSpeed's state (the resume point, wandb run and config)."""
+        return {"step": step, "data_epoch": data_epoch, "wandb_id": self.tracker.run_id, "config": to_dict(self.cfg),
+                "data_seed": self.cfg.data.seed}
+
+    def train(self, compute_loss: Callable[[dict], torch.Tensor], *, flops: ImageFlops,
+              on_step: Callable[[int, dict], None] | None = None,
+              on_epoch_end: Callable[[int, int], None] | None = None) -> LoopEnd:
+        """The step loop from the start (or resume) step over :attr:`loader`; returns where it stopped."""
+        cfg = self.cfg
+        return train_loop(
+            self.engine, self.loader, compute_loss, start_step=self.start_step, total_steps=self.total_steps,
+            data_epoch=self.data_epoch, tracker=self.tracker, checkpoints=self.checkpoints,
+            checkpoint_every=cfg.checkpoint.every_steps, client_state=self.client_state, max_steps=cfg.run.max_steps,
+            log_every=cfg.run.log_every, on_step=on_step, on_epoch_end=on_epoch_end, run=cfg.run, flops=flops,
+        )
+
+
+def start_run(
+    cfg: Any,
+    build_model: Callable[[TrainingRun], nn.Module],
+    build_loader: Callable[[TrainingRun], Any],
+    prepare: Callable[[TrainingRun], None] | None = None,
+    on_engine: Callable[[TrainingRun], None] | None = None,
+) -> TrainingRun:
+    """The start-up every training run shares (pretraining and fine-tuning), in this order:
+
+    process group; the accumulation the global batch needs on this world size (a :class:`ConfigError` before
+    anything is printed); every RNG seeded alike on all ranks, so ``build_model`` draws the same initial weights
+    everywhere; the resolved config printed; ``build_model(run)``; ``build_loader(run)`` (the training stream;
+    also the place for other streams, which then fail before anything is written); steps per epoch and in
+    total; the checkpoint manager and the resume point (a universal conversion if the world size changed);
+    ``prepare(run)`` (e.g. the starting weights when not resuming, or a checkpoint manager of its own); the
+    DeepSpeed engine; ``on_engine(run)``; the checkpoint loaded and tracking started (``config.yaml`` written
+    only now).
+    """
+    rank, world = init_distributed()
+    # Needs the world size, so it is checked here rather than in load_config; still a ConfigError (exit 2).
+    accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
+    seed_everything(cfg.run.seed)
+    run = TrainingRun(cfg, rank, world, Path(cfg.run.output_dir), accumulation)
+    announce_config(cfg, run.out, rank)
+
+    run.model = build_model(run)
+    run.loader = build_loader(run)
+    run.epoch_steps = steps_per_epoch(len(run.loader), accumulation)
+    run.total_steps = max(1, round(cfg.schedule.epochs * run.epoch_steps))
+
+    run.checkpoints = CheckpointManager(run.out / "checkpoints", cfg.checkpoint.keep_last, rank)
+    run.point = run.checkpoints.resume_point(world) if cfg.resume else None
+    if prepare is not None:
+        prepare(run)
+    run.engine = build_engine(run.model, cfg, world, run.epoch_steps,
+                              load_universal=bool(run.point and run.point.universal))
+    if on_engine is not None:
+        on_engine(run)
+    run.start_step, run.data_epoch, run.tracker = resume_and_track(
+        run.engine, run.checkpoints, run.point, cfg, run.out, rank, run.total_steps)
+    run.dtype = DTYPES[cfg.deepspeed.precision]
+    return run
