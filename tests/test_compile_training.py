@@ -3,8 +3,9 @@ the eager model; ZeRO-3 is refused at start-up.
 
 The engine compiles in place (DeepSpeed's ``engine.compile()``, i.e. ``nn.Module.compile``), so the module, its
 ``state_dict`` keys and therefore checkpoints, consolidation, resuming and the fine-tune's load of a pretrained run
-are those of an eager run; that is checked through the real launchers. Inductor compiles the tiny model's training
-graphs in about 10 s per process on 2 CPU cores (measured), which is what these tests mostly spend.
+are those of an eager run; that is checked through the real launchers. Inductor compiling the tiny model's training
+graphs is what these tests mostly spend: measured 10 s for one process on an idle 2-core machine, 30-110 s for each
+of two processes sharing 2 busy cores (its kernel cache makes later compilations of the same shapes cheaper).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     """12 steps on 2 processes, eager and compiled: ZeRO-1 (micro batch 4, no accumulation) and ZeRO-2 (micro batch
-    2, 2 accumulation steps), fp32 on the same fixed batches from the same initial weights."""
+    4, 2 accumulation steps), fp32 on the same fixed batches from the same initial weights. The same micro batch
+    shape lets the second compiled run reuse inductor's cached kernels."""
     out = tmp_path_factory.mktemp("compile") / "curves.json"
-    z1, z2 = ["deepspeed.zero_stage=1", "data.batch_size=4"], ["deepspeed.zero_stage=2", "data.batch_size=2"]
+    z1 = ["deepspeed.zero_stage=1", "data.batch_size=4"]
+    z2 = ["deepspeed.zero_stage=2", "data.batch_size=4", "deepspeed.global_batch=16"]
     result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), HELPER,
                   "--out", str(out), "--steps", str(STEPS),
                   "--run", "zero1_eager", *z1, "--run", "zero1_compiled", *z1, "run.compile=true",
@@ -44,14 +47,20 @@ def curves(tmp_path_factory):
 def test_compiled_training_follows_the_eager_loss_curve(curves, stage):
     eager, compiled = curves[f"zero{stage}_eager"], curves[f"zero{stage}_compiled"]
     assert not eager["compiled"] and compiled["compiled"]
-    assert compiled["world_size"] == 2 and compiled["accumulation"] == stage  # ZeRO-2 run accumulates 2 micro batches
+    assert compiled["world_size"] == 2 and compiled["accumulation"] == stage  # the ZeRO-2 run accumulates 2
     losses = np.array(eager["losses"])
     assert losses[-3:].mean() < 0.9 * losses[:3].mean(), losses  # the reference trains
-    # Inductor fuses and reorders float32 arithmetic, so the curves are not bit-equal; measured: the loss differs by
-    # at most 1e-5 relative over 12 steps (gradient norms likewise), far below the 1e-2 a step's loss moves here.
-    # 1e-4 still catches any change in what the model computes (a dropped mask, a missed parameter update).
-    np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=1e-4)
-    np.testing.assert_allclose(compiled["grad_norms"], eager["grad_norms"], rtol=1e-3)
+    # The first step starts from the same weights: only inductor's fused, reordered float32 arithmetic differs
+    # (measured: 8e-8 relative).
+    assert compiled["losses"][0] == pytest.approx(eager["losses"][0], rel=1e-6)
+    # Later steps inherit and amplify such last-bit differences (Adam divides by the root of tiny second moments), as
+    # any change of summation order does. Measured over these 12 steps: eager ZeRO-2 accumulating 2 micro batches of
+    # 2 against eager ZeRO-1 with one of 4 (the same global batch and arithmetic, another order of sums) differs by
+    # up to 1.4e-4 in the loss and 2.5e-3 in the gradient norm; compiled against eager by 8.8e-6 / 1.4e-4 (ZeRO-1)
+    # and 1.0e-4 / 1.0e-3 (ZeRO-2). The bounds allow that reordering noise and are far below how much the loss moves
+    # over these steps (0.75 to 0.61).
+    np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=5e-4)
+    np.testing.assert_allclose(compiled["grad_norms"], eager["grad_norms"], rtol=1e-2)
     print(f"ZeRO-{stage}: largest relative loss difference "
           f"{np.max(np.abs(np.array(compiled['losses']) - losses) / losses):.1e}; first step "
           f"{compiled['seconds'][0]:.1f} s compiled against {eager['seconds'][0]:.1f} s eager")
