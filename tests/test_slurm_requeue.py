@@ -100,6 +100,7 @@ def test_sigusr1_under_slurm_checkpoints_requeues_once_from_rank_0_and_exits_0(t
     assert sent is not None, text[-3000:]
     stopped = int(text.split("stopped at step ")[1].split()[0])
     assert CheckpointManager(out / "checkpoints", 2, 0).complete_tags() == [f"step{stopped:08d}"], text[-3000:]
-    assert calls(log) == [["requeue", "4242"]], text[-3000:]
+    # run.slurm_requeue is left at None: rank 0 alone asks whether the job has --requeue, then requeues it once.
+    assert calls(log) == [["show", "job", "4242"], ["requeue", "4242"]], text[-3000:]
     assert "requeued SLURM job 4242" in text
     assert proc.returncode == 0, text[-3000:]

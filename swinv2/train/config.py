@@ -118,6 +118,9 @@ class RunConfig:
     on_nonfinite: str = "stop"  # a non-finite loss: stop, skip the step's update, or rollback to the last checkpoint
     max_rollbacks: int = 3  # rollbacks before a non-finite loss stops the run anyway
     slurm_requeue: bool | None = None  # scontrol requeue after the preemption checkpoint; None: if sbatch --requeue
+    # The ranks agree on preemption and non-finite losses at report and checkpoint steps, and also every this many
+    # steps (0: no extra ones). Each agreement is a host-device sync; a signal waits for the next one.
+    sync_every: int = 0
 
 
 class ConfigError(ValueError):
@@ -182,6 +185,7 @@ def check(cfg: Any) -> None:
         run = cfg.run
         need(run.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}")
         need(run.max_rollbacks >= 0, "run.max_rollbacks must be non-negative")
+        need(run.sync_every >= 0, "run.sync_every must be non-negative (0: only at report and checkpoint steps)")
         need(run.peak_tflops >= 0, "run.peak_tflops must be non-negative (0: from the GPU's name)")
         steps = list(run.profile_steps)
         need(not steps or (len(steps) == 2 and 0 < steps[0] <= steps[1]),

@@ -19,6 +19,7 @@ import torch
 from ..flops import ImageFlops
 from .checkpointing import CheckpointManager
 from .config import ConfigError, RunConfig
+from .slurm import requeue_job, requeue_wanted
 from .throughput import Peak, PhaseTimer, device_peak, step_flops
 from .tracking import Tracker
 
@@ -300,17 +301,18 @@ def train_loop(
 ) -> LoopEnd:
     """Run optimizer steps ``start_step + 1 .. total_steps`` (or ``max_steps``) over ``loader``'s epochs.
 
-    ``compute_loss(batch)`` returns this rank's scalar loss for one micro batch; DeepSpeed accumulates micro
-    batches into optimizer steps. No step reads a device value to the host: losses and non-finite flags are
-    accumulated on the device, and the ranks agree (one small all-reduce, then a host read) only at sync steps:
-    report steps (every ``log_every``), checkpoint steps, the last step and every ``run.sync_every`` steps if the
-    config has it. There a preemption signal writes a checkpoint and ends the loop, and a non-finite loss is
-    handled as ``run.on_nonfinite`` says: ``stop`` raises ``FloatingPointError`` naming the first bad step;
-    ``skip`` counts the step, whose update DeepSpeed dropped on every rank; ``rollback`` reloads the last complete
-    checkpoint and continues on a fresh data epoch, at most ``run.max_rollbacks`` times, then stops as ``stop``.
-    Every report logs loss, LR, TFLOP/s per device and MFU (model FLOPs from ``flops``), and the step time split
-    into data wait, forward + backward, optimizer step and checkpoint writing. ``run.profile_steps=[a, b]``
-    writes a torch profiler trace of steps a..b to ``<run.output_dir>/profile/``.
+    ``compute_loss(batch)`` returns this rank's scalar loss for one micro batch; DeepSpeed accumulates micro batches
+    into optimizer steps. No step reads a device value to the host: losses and non-finite flags are accumulated on
+    the device, and the ranks agree (one small all-reduce, then a host read) only at sync steps: report steps (every
+    ``log_every``), checkpoint steps, the last step and every ``run.sync_every`` steps. There a preemption signal
+    writes a checkpoint and ends the loop, and a non-finite loss is handled as ``run.on_nonfinite`` says: ``stop``
+    raises ``FloatingPointError`` naming the first bad step; ``skip`` counts the step, whose update DeepSpeed
+    dropped on every rank; ``rollback`` reloads the last complete checkpoint and continues on a fresh data epoch, at
+    most ``run.max_rollbacks`` times, then stops as ``stop``. Every report logs loss, LR, TFLOP/s per device and MFU
+    (model FLOPs from ``flops``), and the step time split into data wait, forward + backward, optimizer step and
+    checkpoint writing. ``run.profile_steps=[a, b]`` writes a torch profiler trace of steps a..b to
+    ``<run.output_dir>/profile/``. After a preemption signal's checkpoint in a SLURM job, rank 0 runs ``scontrol
+    requeue`` when ``run.slurm_requeue`` asks for it (:mod:`.slurm`).
 
     ``client_state(step, data_epoch)`` is stored in every checkpoint. ``on_step(step, batch)`` runs after every
     optimizer step; ``on_epoch_end(data_epoch, step)`` after every data epoch that ran to its end (on all ranks
@@ -325,7 +327,7 @@ def train_loop(
                           "fp32 without ZeRO and bf16 with check_grad_overflow off do not: set deepspeed.zero_stage "
                           "to 1 or more (and leave bf16.check_grad_overflow on), or use run.on_nonfinite=rollback")
     stop_at = min(total_steps, max_steps) if max_steps else total_steps
-    sync_every = int(getattr(run, "sync_every", 0) or 0)
+    sync_every = run.sync_every
     step = start_step
     global_batch = engine.train_batch_size()
     watch, timer = _LossWatch(device), PhaseTimer(device)
@@ -457,4 +459,6 @@ def train_loop(
         reason = "max_steps"
     if step > start_step:  # nothing new to save (a finished run started again): leave its last checkpoint alone
         checkpoints.save(engine, step, client_state(step, data_epoch))
+    if reason == "preempted" and stop.signal is not None and rank == 0 and requeue_wanted(run.slurm_requeue):
+        tracker.print(requeue_job())  # after the checkpoint: the requeued job resumes from it
     return LoopEnd(step, data_epoch, reason)
