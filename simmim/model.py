@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -48,9 +49,7 @@ def local_normalize(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def pixel_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Token mask ``(B, h, w)`` -> pixel mask ``(B, 1, h * patch_size, w * patch_size)``."""
-    B, h, w = mask.shape
-    p = patch_size
-    return mask[:, None, :, None, :, None].expand(B, 1, h, p, w, p).reshape(B, 1, h * p, w * p)
+    return repeat(mask, "b h w -> b 1 (h p1) (w p2)", p1=patch_size, p2=patch_size)
 
 
 class SimMIM(nn.Module):

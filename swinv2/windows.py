@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 Size2 = tuple[int, int]
 
@@ -54,19 +55,14 @@ def pad_to_window(x: torch.Tensor, window: Size2) -> torch.Tensor:
 
 
 def window_partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
-    """``(B, H, W, C) -> (B, nW, wh*ww, C)``; H and W must be window multiples."""
-    B, H, W, C = x.shape
-    wh, ww = window
-    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, (H // wh) * (W // ww), wh * ww, C)
+    """``(B, H, W, C) -> (B, nW, wh*ww, C)``, windows in row-major order; H and W must be window multiples."""
+    return rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=window[0], ww=window[1])
 
 
 def window_reverse(windows: torch.Tensor, window: Size2, size: Size2) -> torch.Tensor:
     """Inverse of :func:`window_partition`: ``(B, nW, wh*ww, C) -> (B, H, W, C)``."""
-    B, _, _, C = windows.shape
-    (wh, ww), (H, W) = window, size
-    x = windows.view(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, H, W, C)
+    (wh, ww), (H, _) = window, size
+    return rearrange(windows, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=H // wh, wh=wh, ww=ww)
 
 
 def shift_region_mask(size: Size2, window: Size2, shift: Size2, device=None) -> torch.Tensor:
