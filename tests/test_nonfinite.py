@@ -111,8 +111,19 @@ def test_rollbacks_run_out_and_the_run_stops_with_the_message(tmp_path):
 
 
 def test_skip_without_an_overflow_check_is_a_config_error(tmp_path):
+    # fp32 without ZeRO: the config says so before anything is written.
     out = tmp_path / "run"
     result = probe_run(out, "", "run.on_nonfinite=skip", "deepspeed.zero_stage=0", "wandb.mode=disabled", world=1)
+    assert result.returncode == 2, describe(result)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: run.on_nonfinite=skip needs an optimizer that drops non-finite updates, which fp32 without ZeRO has "
+        "not: set deepspeed.zero_stage to 1 or more, or use run.on_nonfinite=rollback.")
+    assert not (out / "config.yaml").exists()
+    # bf16 with DeepSpeed's overflow check turned off (only visible on the built engine): the loop refuses it.
+    extra = tmp_path / "no_overflow_check.json"
+    extra.write_text(json.dumps({"bf16": {"check_grad_overflow": False}}))
+    result = probe_run(tmp_path / "bf16", "", "run.on_nonfinite=skip", "deepspeed.precision=bf16",
+                       f"deepspeed.extra_json={extra}", "wandb.mode=disabled", world=1)
     assert result.returncode == 2, describe(result)
     assert result.stderr.strip().splitlines()[-1] == (
         "error: run.on_nonfinite=skip needs DeepSpeed to drop updates with non-finite gradients, which fp32 without "

@@ -185,6 +185,11 @@ def check(cfg: Any) -> None:
         run = cfg.run
         need(run.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}")
         need(run.max_rollbacks >= 0, "run.max_rollbacks must be non-negative")
+        if hasattr(cfg, "deepspeed"):  # the loop refuses the other set-up without a check (bf16 overflow check off)
+            need(not (run.on_nonfinite == "skip" and cfg.deepspeed.zero_stage == 0
+                      and cfg.deepspeed.precision == "fp32"),
+                 "run.on_nonfinite=skip needs an optimizer that drops non-finite updates, which fp32 without ZeRO has "
+                 "not: set deepspeed.zero_stage to 1 or more, or use run.on_nonfinite=rollback")
         need(run.sync_every >= 0, "run.sync_every must be non-negative (0: only at report and checkpoint steps)")
         need(run.peak_tflops >= 0, "run.peak_tflops must be non-negative (0: from the GPU's name)")
         steps = list(run.profile_steps)
