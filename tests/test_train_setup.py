@@ -199,6 +199,9 @@ def test_deepspeed_config_is_derived_and_checked():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert not any(v == "auto" for v in _leaves(ds))
+    from deepspeed.utils.config import get_timers_config  # DeepSpeed's own reading: no synchronising step timer
+
+    assert not get_timers_config(ds).enabled
     with pytest.raises(ConfigError, match="not a multiple"):
         accumulation_steps(2048, 48, 8)
     lrs = scaled_lrs(cfg)

@@ -117,6 +117,9 @@ def deepspeed_config(cfg: Any, world_size: int, load_universal: bool = False) ->
         "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO is fine
         "steps_per_print": 2**31 - 1,  # our loop reports
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and, without a training_data loader, calls
+        # torch.cuda.synchronize() around every micro batch; our loop measures throughput without syncs.
+        "timers": {"throughput": {"enabled": False}},
         "checkpoint": {"load_universal": load_universal},
     }
     if fp32_grad_accumulation(ds.precision, ds.zero_stage, accumulation):
