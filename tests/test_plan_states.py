@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from pretrain_helpers import BIN, ROOT, describe, free_port, run
-from zero_states_probe import RUNS, config_overrides
+from zero_states_probe import RUNS, config_overrides, run_key
 
 from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
@@ -32,12 +32,12 @@ def measured(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("stage, precision", RUNS)
-def test_model_states_equal_what_the_engine_holds(measured, stage, precision):
-    cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", config_overrides(stage, precision))
+@pytest.mark.parametrize("stage, precision, accumulation", RUNS)
+def test_model_states_equal_what_the_engine_holds(measured, stage, precision, accumulation):
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", config_overrides(stage, precision, accumulation))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     states = model_states(cast_buffers(build_simmim(cfg), dtype), cfg, world=2)
-    ranks = measured[f"{stage}-{precision}"].values()
+    ranks = measured[run_key(stage, precision, accumulation)].values()
     # The planner reports the busiest rank (ZeRO-1/2 ranks keep different gradient counts after the backward).
     extra = max(r["after_backward"] for r in ranks) - (
         states.weights + states.gradients + states.optimizer + states.buffers)
@@ -45,9 +45,11 @@ def test_model_states_equal_what_the_engine_holds(measured, stage, precision):
     # runs the measurement equals the prediction; one CI run (2-bf16) held +200,000 bytes, exactly one bucket of 1e5
     # bf16 elements, most likely the replaced one still referenced. Its lifetime is DeepSpeed's, not a quantity the
     # planner models, so exactly one extra bucket is allowed.
-    # (The bucket holds the run's dtype, or fp32 where DeepSpeed stages an fp32 accumulator.)
-    stale = {100_000 * dtype.itemsize, 100_000 * 4} if stage in (1, 2) else set()
+    # (The bucket holds the run's dtype, or fp32 where DeepSpeed stages an fp32 accumulator.) The BF16_Optimizer
+    # (ZeRO-1 with accumulation here) has no reduction bucket.
+    stale = {100_000 * dtype.itemsize, 100_000 * 4} if stage in (1, 2) and accumulation == 1 else set()
     assert extra in {0, *stale}, f"{extra} bytes more than predicted"
-    kept = states.gradients if stage == 3 else 0  # ZeRO-3's gradient partition buffer lives on; others are freed
-    assert max(r["after_step"] for r in ranks) == states.weights + states.optimizer + states.buffers + kept
+    # ZeRO-3's gradient partition buffer and the BF16_Optimizer's fp32 gradient buffer live on; others are freed.
+    assert max(r["after_step"] for r in ranks) == (
+        states.weights + states.optimizer + states.buffers + states.kept_gradients)
     assert states.weights > 0 and states.gradients > 0 and states.optimizer > 0

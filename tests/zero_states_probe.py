@@ -1,13 +1,14 @@
 """Helper for tests/test_plan_states.py, run as ``deepspeed --num_gpus 2 tests/zero_states_probe.py --out F``.
 
-For ZeRO 0-3 x fp32/bf16 it builds the tiny SimMIM model of the demo config, wraps it in our real engine
+For ZeRO 0-3 x fp32/bf16, one micro batch per step, and ZeRO-1 bf16 with two (DeepSpeed's ``BF16_Optimizer``,
+float32 accumulation) it builds the tiny SimMIM model of the demo config, wraps it in our real engine
 (``build_engine``), trains two steps on random batches and measures what the process holds: the bytes of every
 live tensor storage (found with the garbage collector, each storage once, ZeRO-3 partitions included), minus what
-was alive before the model was built. Measured after the second backward pass (weights, gradients and optimizer
-states all present) and after the second optimizer step. Writes ``{"<stage>-<precision>": {"rank0": {...},
-"rank1": {...}}}``. Every run has a gradient reduction bucket of 1e5 elements (DeepSpeed's default of 5e8
-would take 2 GB per rank here); ZeRO-3 bf16 keeps DeepSpeed's default persistence threshold (small parameters
-stay whole), ZeRO-3 fp32 partitions every parameter (threshold 0).
+was alive before the model was built. Measured after the second step's last backward pass (weights, gradients and
+optimizer states all present) and after the second optimizer step. Writes ``{"<stage>-<precision>[-accum<N>]":
+{"rank0": {...}, "rank1": {...}}}`` (:func:`run_key`). Every run has a gradient reduction bucket of 1e5 elements
+(DeepSpeed's default of 5e8 would take 2 GB per rank here); ZeRO-3 bf16 keeps DeepSpeed's default persistence
+threshold (small parameters stay whole), ZeRO-3 fp32 partitions every parameter (threshold 0).
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from swinv2.train.plan.fake import cast_buffers  # noqa: E402
 
 TINY = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "data.batch_size=2",
         "deepspeed.global_batch=4", "model.img_size=64"]
-RUNS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+# (ZeRO stage, precision, micro batches per step); bf16 sums in float32 for ZeRO-2/3 and for ZeRO-1 with accumulation.
+RUNS = [(stage, precision, 1) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + [(1, "bf16", 2)]
+
+
+def run_key(stage: int, precision: str, accumulation: int) -> str:
+    return f"{stage}-{precision}" + (f"-accum{accumulation}" if accumulation > 1 else "")
 
 
 def live_bytes() -> int:
@@ -48,9 +54,10 @@ def live_bytes() -> int:
     return sum(storages.values())
 
 
-def config_overrides(stage: int, precision: str) -> list[str]:
-    """The overrides of one run (also used by the test to rebuild the same config for the prediction)."""
-    out = [*TINY, f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
+def config_overrides(stage: int, precision: str, accumulation: int = 1) -> list[str]:
+    """The overrides of one run (also used by the test to rebuild the same config for the prediction); 2 ranks."""
+    out = [*TINY, f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
+           f"deepspeed.global_batch={2 * 2 * accumulation}"]
     # A small gradient reduction bucket: DeepSpeed's default of 5e8 elements would take 2 GB per rank here.
     zero = {"reduce_bucket_size": 100_000}
     if stage == 3 and precision == "fp32":
@@ -68,27 +75,30 @@ def main() -> None:
     args = parser.parse_args()
     rank, world = init_distributed()
     results = {}
-    for stage, precision in RUNS:
-        cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", config_overrides(stage, precision))
+    for stage, precision, accumulation in RUNS:
+        cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml",
+                          config_overrides(stage, precision, accumulation))
         base = live_bytes()
         torch.manual_seed(0)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         engine = build_engine(cast_buffers(build_simmim(cfg), dtype), cfg, world, steps_per_epoch=10)
         measured = {}
+        assert engine.gradient_accumulation_steps() == accumulation
         for step in range(2):
-            images = torch.randn(2, 3, 64, 64, dtype=dtype)
-            mask = (torch.rand(2, 16, 16) < 0.6).long()
-            loss = engine(images, mask)
-            del images, mask
-            engine.backward(loss)
-            del loss
-            if step == 1:
-                measured["after_backward"] = live_bytes() - base
-            engine.step()
+            for micro in range(accumulation):
+                images = torch.randn(2, 3, 64, 64, dtype=dtype)
+                mask = (torch.rand(2, 16, 16) < 0.6).long()
+                loss = engine(images, mask)
+                del images, mask
+                engine.backward(loss)
+                del loss
+                if step == 1 and micro == accumulation - 1:
+                    measured["after_backward"] = live_bytes() - base
+                engine.step()  # an optimizer step at the last micro batch only
         measured["after_step"] = live_bytes() - base
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, measured)
-        results[f"{stage}-{precision}"] = {f"rank{r}": m for r, m in enumerate(gathered)}
+        results[run_key(stage, precision, accumulation)] = {f"rank{r}": m for r, m in enumerate(gathered)}
         del engine
     if rank == 0:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -17,7 +17,7 @@ from typing import Any
 from ..engine import accumulation_steps
 from .gpus import CUDA_CONTEXT_BYTES, DEFAULT_MFU, FRAGMENTATION, INTER_NODE_GBPS, INTRA_NODE_GBPS, Gpu
 from .measure import Measured
-from .states import BYTES, ModelStates, comm_buffers
+from .states import BYTES, ModelStates, comm_buffers, refused, uses_bf16_optimizer
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,16 @@ class Plan:
 
 def per_rank_bytes(states: ModelStates, measured: Measured, comm: int, batch: int) -> dict[str, int]:
     """The memory of one rank at micro batch ``batch``, by kind."""
+    activations = measured.activations(batch)
     out = {
         "weights": states.weights,
         "gradients": states.gradients,
         "optimizer": states.optimizer,
         "buffers": states.buffers,
-        "activations": measured.activations(batch),
-        # DeepSpeed's buckets live through the whole backward pass, next to the recompute and gradients.
-        "transient": measured.transient(batch) + comm,
+        "activations": activations,
+        # DeepSpeed's buckets live through the whole backward pass, next to the recompute and gradients. The
+        # BF16_Optimizer's all-reduce copies come after it, once the activations are freed: the larger moment counts.
+        "transient": max(measured.transient(batch) + comm, states.reduce_transient - activations),
     }
     tensors = sum(out.values())
     out["allowance"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensors)
@@ -104,7 +106,9 @@ def step_time(cfg: Any, measured: Measured, cluster: Cluster, micro_batch: int, 
         flops += measured.recompute_flops(micro_batch)
     compute = accumulation * flops / (cluster.gpu.peak[ds.precision] * cluster.mfu)
     model_bytes = measured.params * BYTES[ds.precision]
-    if ds.zero_stage <= 1:
+    if uses_bf16_optimizer(cfg, cluster.world):
+        volume = 3 * model_bytes  # BF16_Optimizer: all-reduce of the gradients, then all-gather of the weights
+    elif ds.zero_stage <= 1:
         volume = 2 * model_bytes  # all-reduce (ZeRO-0) or reduce-scatter + all-gather (ZeRO-1), once per step
     elif ds.zero_stage == 2:
         volume = accumulation * model_bytes + model_bytes  # reduce-scatter per micro batch, all-gather per step
@@ -116,16 +120,18 @@ def step_time(cfg: Any, measured: Measured, cluster: Cluster, micro_batch: int, 
 
 
 def make_plan(cfg: Any, measured: Measured, states: ModelStates, cluster: Cluster) -> Plan:
-    """The plan of ``cfg`` as configured (its micro batch, ZeRO stage, checkpointing and chunk size)."""
+    """The plan of ``cfg`` as configured (its micro batch, ZeRO stage, checkpointing and chunk size); a setting the
+    run refuses at start (bf16 with accumulation under ZeRO-0) does not fit."""
     micro = cfg.data.batch_size
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, micro, cluster.world)  # ConfigError if uneven
-    comm = comm_buffers(measured.params, cfg)
+    comm = comm_buffers(measured.params, cfg, cluster.world)
     memory = per_rank_bytes(states, measured, comm, micro)
     compute, comm_s = step_time(cfg, measured, cluster, micro, accumulation)
     return Plan(
         params=measured.params, micro_batch=micro, accumulation=accumulation, zero_stage=cfg.deepspeed.zero_stage,
         checkpoint_activations=cfg.model.checkpoint_activations, attn_chunk_size=cfg.model.attn_chunk_size,
-        per_rank_bytes=memory, host_bytes=states.host, fits=memory["total"] <= cluster.gpu.memory,
+        per_rank_bytes=memory, host_bytes=states.host,
+        fits=memory["total"] <= cluster.gpu.memory and not refused(cfg, cluster.world),
         max_micro_batch=largest_micro_batch(states, measured, comm, cluster.gpu.memory),
         step_seconds=compute + comm_s, compute_seconds=compute, comm_seconds=comm_s,
         forward_flops_per_image=measured.flops.per_image, gpu_memory=cluster.gpu.memory,

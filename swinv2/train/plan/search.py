@@ -1,5 +1,6 @@
 """Plan a config as it is, or search ZeRO stage x activation checkpointing x attention chunk size for the fastest
-setting that fits (each setting at the largest micro batch that fits and divides the global batch)."""
+setting that fits (each setting at the largest micro batch that fits, divides the global batch and runs: the model
+states depend on the micro batch, since bf16 with gradient accumulation sums in float32, and ZeRO-0 refuses it)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from ..engine import deepspeed_config
 from .fake import Recipe, fake_cuda
 from .measure import Measured, measure
-from .planner import Cluster, Plan, largest_micro_batch, make_plan
-from .states import comm_buffers, model_states
+from .planner import Cluster, Plan, make_plan
+from .states import model_states, refused
 
 CHUNK_SIZES = (0, 16, 4)  # windows attended at once (0: all), the Swin V2 paper's sequential attention (sec. 3.5)
 RecipeFor = Callable[[Any], Recipe]
@@ -28,6 +30,7 @@ def with_setting(cfg: Any, **changes: Any) -> Any:
 
 def plan_config(cfg: Any, recipe_for: RecipeFor, cluster: Cluster, measured: Measured | None = None) -> Plan:
     """The plan of ``cfg`` as configured."""
+    deepspeed_config(cfg, cluster.world)  # what the run refuses at start (ConfigError), the planner refuses too
     recipe = recipe_for(cfg)
     measured = measured or measure(recipe)
     with fake_cuda():
@@ -46,15 +49,21 @@ def search(cfg: Any, recipe_for: RecipeFor, cluster: Cluster) -> list[Plan]:
             with fake_cuda():
                 model = recipe.build()
                 for stage in (0, 1, 2, 3):
-                    setting = with_setting(base, zero_stage=stage)
-                    states = model_states(model, setting, cluster.world)
-                    comm = comm_buffers(measured.params, setting)
-                    most = min(largest_micro_batch(states, measured, comm, cluster.gpu.memory),
-                               setting.deepspeed.global_batch // cluster.world)
-                    micro = next((m for m in range(most, 0, -1)
-                                  if setting.deepspeed.global_batch % (m * cluster.world) == 0), 1)
-                    plans.append(make_plan(with_setting(setting, batch_size=micro), measured, states, cluster))
+                    plans.append(fitting_plan(with_setting(base, zero_stage=stage), model, measured, cluster))
     return plans
+
+
+def fitting_plan(setting: Any, model: Any, measured: Measured, cluster: Cluster) -> Plan:
+    """``setting`` at the largest micro batch that divides the global batch, runs and fits; if none fits, at the
+    smallest that runs (1, or for ZeRO-0 in bf16 the one without accumulation)."""
+    world, batch = cluster.world, setting.deepspeed.global_batch
+    candidates = [with_setting(setting, batch_size=m) for m in range(batch // world, 0, -1) if batch % (m * world) == 0]
+    candidates = [c for c in candidates if not refused(c, world)] or [with_setting(setting, batch_size=1)]
+    for candidate in candidates:
+        plan = make_plan(candidate, measured, model_states(model, candidate, world), cluster)
+        if plan.fits:
+            return plan
+    return plan
 
 
 def fastest(plans: list[Plan]) -> Plan | None:
