@@ -208,8 +208,8 @@ def compile_engine(engine: Any, cfg: Any) -> None:
     consolidation and everything that calls ``engine.module`` are unchanged; its ``forward`` runs compiled (PyTorch
     docs, ``torch.compile`` and ``nn.Module.compile``; DeepSpeed docs, "torch.compile" support in the engine).
 
-    Not ``fullgraph``: DeepSpeed's own forward pre- and post-hooks on the module (measured with its throughput
-    timer on, which calls ``time.time``) break the graph; the model's forward between them is one graph (it compiles with
+    Not ``fullgraph``: DeepSpeed's own forward pre- and post-hooks on the module (measured with its throughput timer
+    on, which calls ``time.time``) break the graph; the model's forward between them is one graph (it compiles with
     ``fullgraph=True`` on its own, tests/test_compile.py). The first step compiles (inductor: minutes for a large
     model on a GPU); a module put in eval mode (held-out monitors, evaluation) compiles once more.
     """
