@@ -27,7 +27,7 @@ WORLD = 64  # data-parallel GPUs assumed for ZeRO's partitions
 CHUNK = 16
 GPU_NAMES = ("a100-40gb", "a100-80gb")
 # The lightest first: ZeRO stage, activation checkpointing, chunk size.
-LADDER = ((0, False, 0), (1, False, 0), (1, True, 0), (1, True, CHUNK), (3, True, CHUNK))
+LADDER = ((0, False, 0), (1, False, 0), (1, True, 0), (1, True, CHUNK), (2, True, CHUNK), (3, True, CHUNK))
 
 
 def task_config(pretrain_schema: type, size: str, img: int, window: int) -> Any:
