@@ -69,8 +69,9 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int =
     """This device's practical matmul peak: the best of ``repeats`` square matmuls after one warm-up (about 0.1-0.5 s
     on a laptop CPU). Used where no datasheet figure applies (the CPU)."""
     n = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # the run's random stream must not move
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     best = float("inf")
     for i in range(repeats + 1):
         if device.type == "cuda":
