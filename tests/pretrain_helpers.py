@@ -11,7 +11,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtual environment running pytest; its deepspeed launcher sits beside it
@@ -78,10 +81,36 @@ def step_lines(text: str) -> dict[int, dict]:
     return out
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """A background run in its own process group (so the test can signal all of it, like SLURM does)."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def signal_after_step(proc: subprocess.Popen, step: int, victims: Callable[[Any], Iterable[Any]],
+                      sig: int = signal.SIGTERM) -> tuple[str, int | None]:
+    """Read the run's output; at the first ``step S/T`` line with S >= ``step`` send ``sig`` to every process of
+    ``victims(runner)`` (``runner``: the psutil.Process of ``proc``); returns the output and the step it was sent
+    after (None: never). A watchdog kills the run's process group if it hangs."""
+    import psutil
+
+    timer = threading.Timer(TIMEOUT, kill_group, [proc])
+    timer.daemon = True
+    timer.start()
+    lines, sent_after = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = STEP_LINE.match(line)
+            if m and sent_after is None and int(m[1]) >= step:
+                sent_after = int(m[1])
+                for process in victims(psutil.Process(proc.pid)):
+                    process.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+        kill_group(proc)
+    return "".join(lines), sent_after
 
 
 def kill_group(proc: subprocess.Popen) -> None:

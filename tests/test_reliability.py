@@ -28,7 +28,6 @@ from pretrain_helpers import (
     CONVERT,
     PRETRAIN,
     ROOT,
-    STEP_LINE,
     TINY,
     complete_json,
     describe,
@@ -37,6 +36,7 @@ from pretrain_helpers import (
     kill_group,
     pretrain_cmd,
     run,
+    signal_after_step,
     start,
 )
 
@@ -206,28 +206,6 @@ def _launcher_cmd(out: Path, world: int, *overrides: str) -> list[str]:
             f"run.output_dir={out}", "wandb.mode=offline", "run.max_steps=300", *per_rank, *overrides]
 
 
-def _signal_after_step(proc: subprocess.Popen, step: int, victims) -> tuple[str, int | None]:
-    """Read the run's output; at the first ``step`` line send SIGTERM to ``victims(runner)``; returns the output
-    and the step it was sent after. A watchdog kills the whole run if it hangs."""
-    timer = threading.Timer(LAUNCHER, kill_group, [proc])
-    timer.daemon = True
-    timer.start()
-    lines, sent_after = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            m = STEP_LINE.match(line)
-            if m and sent_after is None and int(m[1]) >= step:
-                sent_after = int(m[1])
-                for process in victims(psutil.Process(proc.pid)):
-                    process.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        timer.cancel()
-        kill_group(proc)
-    return "".join(lines), sent_after
-
-
 def _launch_process(runner: psutil.Process) -> psutil.Process:
     found = [p for p in runner.children(recursive=True) if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
     assert len(found) == 1
@@ -240,9 +218,9 @@ def test_sigterm_through_the_deepspeed_launcher_checkpoints_although_wandb_dies(
     out = tmp_path / "run"
     proc = start(_launcher_cmd(out, world))
     if target == "launch":
-        text, sent_after = _signal_after_step(proc, 3, lambda runner: [_launch_process(runner)])
+        text, sent_after = signal_after_step(proc, 3, lambda runner: [_launch_process(runner)])
     else:  # the ranks themselves: the children of launch
-        text, sent_after = _signal_after_step(proc, 3, lambda runner: _launch_process(runner).children())
+        text, sent_after = signal_after_step(proc, 3, lambda runner: _launch_process(runner).children())
     assert sent_after is not None, text[-4000:]
     # launch forwards SIGTERM to every process under it, wandb's service included; the ranks finish the step, and
     # neither wandb dying nor the signal costs the checkpoint.
@@ -262,7 +240,7 @@ def test_sigterm_to_the_deepspeed_runner_stops_the_orphaned_ranks_cleanly(tmp_pa
     out = tmp_path / "run"
     proc = start(_launcher_cmd(out, 1))
     # The runner dies of it and passes nothing on; the rank sees its launcher orphaned and stops as if signalled.
-    text, sent_after = _signal_after_step(proc, 3, lambda runner: [runner])
+    text, sent_after = signal_after_step(proc, 3, lambda runner: [runner])
     assert sent_after is not None and proc.returncode == -signal.SIGTERM, text[-4000:]
     assert "the deepspeed runner is gone: checkpointing at step" in text, text[-4000:]
     stopped = int(text.split("stopped at step ")[1].split()[0])

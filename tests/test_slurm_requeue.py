@@ -11,14 +11,12 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import psutil
 import pytest
-from pretrain_helpers import BIN, PRETRAIN, ROOT, STEP_LINE, TINY, env, free_port, kill_group
+from pretrain_helpers import BIN, PRETRAIN, TINY, free_port, signal_after_step, start
 
 from swinv2.train.checkpointing import CheckpointManager
 from swinv2.train.slurm import requeue_job, requeue_wanted
@@ -75,28 +73,15 @@ def test_sigusr1_under_slurm_checkpoints_requeues_once_from_rank_0_and_exits_0(t
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN, *TINY,
            f"run.output_dir={out}", "wandb.mode=disabled", "run.max_steps=300", "data.batch_size=4",
            "data.samples_per_epoch=40", "run.log_every=1"]
-    slurm = {**env(), "PATH": environ["PATH"], "SLURM_JOB_ID": "4242"}
-    proc = psutil.Popen(cmd, env=slurm, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        start_new_session=True)
-    timer = threading.Timer(600, kill_group, [proc])
-    timer.start()
-    lines, sent = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            m = STEP_LINE.match(line)
-            if m and sent is None and int(m[1]) >= 2:
-                sent = int(m[1])
-                ranks = [p for p in proc.children(recursive=True) if PRETRAIN in " ".join(p.cmdline())
-                         and "deepspeed.launcher" not in " ".join(p.cmdline())]
-                assert len(ranks) == 2, [p.cmdline() for p in ranks]
-                for rank in ranks:  # SLURM's --signal=USR1@N signals every task of the step
-                    rank.send_signal(signal.SIGUSR1)
-        proc.wait(timeout=120)
-    finally:
-        timer.cancel()
-        kill_group(proc)
-    text = "".join(lines)
+    proc = start(cmd, {"PATH": environ["PATH"], "SLURM_JOB_ID": "4242"})
+
+    def ranks(runner: psutil.Process) -> list[psutil.Process]:  # SLURM's --signal=USR1@N signals every task
+        found = [p for p in runner.children(recursive=True) if PRETRAIN in " ".join(p.cmdline())
+                 and "deepspeed.launcher" not in " ".join(p.cmdline())]
+        assert len(found) == 2, [p.cmdline() for p in found]
+        return found
+
+    text, sent = signal_after_step(proc, 2, ranks, signal.SIGUSR1)
     assert sent is not None, text[-3000:]
     stopped = int(text.split("stopped at step ")[1].split()[0])
     assert CheckpointManager(out / "checkpoints", 2, 0).complete_tags() == [f"step{stopped:08d}"], text[-3000:]
