@@ -14,15 +14,17 @@ counts the runs whose final held-out loss is not at least ``--margin`` below tha
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.simmim_vs_scratch import launch  # noqa: E402
+
 HELDOUT = re.compile(r"^eval step (\d+): held-out loss (\S+) \(\d+ images; predicting zero (\S+)\)"
                      r"(?:, kNN top-1 (\S+))?")
 
@@ -30,17 +32,11 @@ HELDOUT = re.compile(r"^eval step (\d+): held-out loss (\S+) \(\d+ images; predi
 def pretrain(config: str, seed: int, threads: int, overrides: list[str], out: Path) -> list[tuple[int, float, float,
                                                                                                   float | None]]:
     """One demo pretraining; its evaluations as ``[(step, held-out loss, zero level, kNN top-1)]``."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    folder = out / f"s{seed}_t{threads}"
-    result = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", config,
-                             f"run.output_dir={folder}", f"run.seed={seed}", "run.image_every=0", "resume=false",
-                             "wandb.mode=disabled", *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
-    (out / f"s{seed}_t{threads}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise RuntimeError(f"seed {seed}, {threads} threads failed (rc {result.returncode}); see {folder}.log")
+    stdout = launch("pretrain.py", ["--config", config, f"run.output_dir={out / f's{seed}_t{threads}'}",
+                                    f"run.seed={seed}", "run.image_every=0", "resume=false", "wandb.mode=disabled",
+                                    *overrides], out / f"s{seed}_t{threads}.log", threads)
     return [(int(m[1]), float(m[2]), float(m[3]), float(m[4]) if m[4] else None)
-            for line in result.stdout.splitlines() if (m := HELDOUT.match(line))]
+            for line in stdout.splitlines() if (m := HELDOUT.match(line))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,10 +31,10 @@ EVAL = re.compile(r"^eval epoch \S+ step (\d+): top-1 (\S+) .*?(?:EMA top-1 (\S+
 ARMS = ("pretrained", "scratch")
 
 
-def launch(script: str, args: list[str], log: Path) -> str:
-    """Run ``launch/<script>`` in one single-threaded process; its output is kept in ``log``."""
+def launch(script: str, args: list[str], log: Path, threads: int = 1) -> str:
+    """Run ``launch/<script>`` in one process with ``threads`` threads; its output is kept in ``log``."""
     # The venv's bin first: the same ninja for DeepSpeed's op build in every process (see tests/conftest.py).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT, env=env,
                             capture_output=True, text=True)
