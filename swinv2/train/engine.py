@@ -10,6 +10,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,9 +38,34 @@ def init_distributed() -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        release_cpu_allreduce_segment()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def cpu_allreduce_segment(rank: int) -> Path:
+    """Where DeepSpeed's CPU accelerator keeps this rank's shared-memory all-reduce buffer (``shm_open`` names live
+    in ``/dev/shm`` on Linux); the name is the one its ``shm_initialize`` builds."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_cpu_allreduce_segment() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
+
+    On the CPU accelerator, when all ranks are local (the ``deepspeed`` launcher sets ``LOCAL_SIZE``), DeepSpeed
+    creates a 66 MB ``/dev/shm`` segment per rank for its low-latency inference all-reduce and never unlinks it:
+    every run leaks them, named by the master port, and ``/dev/shm`` is memory, so a day of CPU runs (or a test
+    suite) ends with the machine out of memory. The segment is mapped by every rank inside
+    ``deepspeed.init_distributed``; after a barrier nothing opens it again, so unlinking keeps the mappings valid
+    and the kernel frees the memory when the last rank exits, however it exits. Training never uses this
+    all-reduce (ZeRO reduces through ``torch.distributed``).
+    """
+    if torch.cuda.is_available():
+        return
+    torch.distributed.barrier()
+    cpu_allreduce_segment(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
 def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
