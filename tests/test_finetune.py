@@ -91,6 +91,13 @@ def test_bad_fine_tune_config_names_the_key(overrides, needle):
         load_finetune_config(None, URLS + overrides)
 
 
+def test_shared_and_fine_tune_problems_come_in_one_message():
+    """A shared check and a fine-tune check that both fail are reported together, so one edit fixes both."""
+    with pytest.raises(ConfigError) as caught:
+        load_finetune_config(None, URLS + ["optim.base_lr=0", "model.num_classes=0"])
+    assert "optim.base_lr must be positive" in str(caught.value) and "model.num_classes" in str(caught.value)
+
+
 def test_layer_decay_of_the_fine_tune_optimizer_follows_the_spec_formula():
     """Every parameter of a V2-T built from a fine-tune config gets decay ** (num_layers - 1 - layer), once."""
     cfg = load_finetune_config(None, URLS + ["model.name=swinv2_tiny_window8_256", "model.img_size=256",

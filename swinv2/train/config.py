@@ -203,7 +203,7 @@ def check(cfg: Any) -> None:
     if hasattr(cfg, "model") and isinstance(getattr(cfg.model, "img_size", None), int):
         size = cfg.model.img_size
         need(size > 0 and size % 4 == 0, f"model.img_size={size} must be a multiple of the patch size 4")
-    if hasattr(cfg, "problems"):  # the schema's own checks, e.g. simmim.config.PretrainConfig's
+    if hasattr(cfg, "problems"):  # the schema's own checks, e.g. PretrainConfig's and FinetuneConfig's
         problems.extend(cfg.problems())
     if problems:
         raise ConfigError("; ".join(problems) + ".")

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..data.config import DataConfig
 from .config import (
     CheckpointConfig,
-    ConfigError,
     DeepSpeedConfig,
     ModelConfig,
     OptimConfig,
@@ -95,6 +93,32 @@ class FinetuneConfig:
     pretrained: str | None = ""  # "" or null (``pretrained=`` on a command line): from scratch
     resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
 
+    def problems(self) -> list[str]:
+        """Fine-tuning's own cross-field checks, one sentence each (``swinv2.train.config.load_config`` runs them
+        after the shared ones)."""
+        out = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                out.append(message)
+
+        need(self.model.num_classes > 0, "model.num_classes must be positive (the classifier's class count)")
+        need(bool(self.data.train_urls), "data.train_urls is empty: set it to the training shards (or demo:train)")
+        need(bool(self.data.eval_urls), "data.eval_urls is empty: set it to the validation shards (or demo:val)")
+        need(self.mixup.mode in MIXUP_MODES, f"mixup.mode must be one of {', '.join(MIXUP_MODES)}")
+        need(0 <= self.mixup.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)")
+        need(0 <= self.mixup.prob <= 1 and 0 <= self.mixup.switch_prob <= 1, "mixup.prob and mixup.switch_prob must be "
+             "probabilities in [0, 1]")
+        need(not mixup_enabled(self) or self.data.batch_size % 2 == 0,
+             "data.batch_size must be even with Mixup/CutMix (timm mixes each batch with its flipped self): change it "
+             "or set mixup.mixup_alpha=0 mixup.cutmix_alpha=0")
+        need(not self.ema.enabled or self.deepspeed.zero_stage < 3,
+             "ema.enabled needs whole weights on every rank but deepspeed.zero_stage=3 shards them: use zero_stage 1 "
+             "or 2, or set ema.enabled=false")
+        need(0 < self.ema.decay < 1, "ema.decay must be in (0, 1)")
+        need(self.eval.every_epochs >= 0, "eval.every_epochs must be 0 (only at the end) or positive")
+        return out
+
 
 MIXUP_MODES = ("batch", "pair", "elem")
 
@@ -103,35 +127,6 @@ def mixup_enabled(cfg: FinetuneConfig) -> bool:
     return cfg.mixup.prob > 0 and (cfg.mixup.mixup_alpha > 0 or cfg.mixup.cutmix_alpha > 0)
 
 
-def check_finetune(cfg: FinetuneConfig) -> None:
-    """Fine-tuning's own cross-field checks (the shared ones ran in ``load_config``), one sentence each."""
-    problems = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    need(cfg.model.num_classes > 0, "model.num_classes must be positive (the classifier's class count)")
-    need(bool(cfg.data.train_urls), "data.train_urls is empty: set it to the training shards (or demo:train)")
-    need(bool(cfg.data.eval_urls), "data.eval_urls is empty: set it to the validation shards (or demo:val)")
-    need(cfg.mixup.mode in MIXUP_MODES, f"mixup.mode must be one of {', '.join(MIXUP_MODES)}")
-    need(0 <= cfg.mixup.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)")
-    need(0 <= cfg.mixup.prob <= 1 and 0 <= cfg.mixup.switch_prob <= 1, "mixup.prob and mixup.switch_prob must be "
-         "probabilities in [0, 1]")
-    need(not mixup_enabled(cfg) or cfg.data.batch_size % 2 == 0,
-         "data.batch_size must be even with Mixup/CutMix (timm mixes each batch with its flipped self): change it "
-         "or set mixup.mixup_alpha=0 mixup.cutmix_alpha=0")
-    need(not cfg.ema.enabled or cfg.deepspeed.zero_stage < 3,
-         "ema.enabled needs whole weights on every rank but deepspeed.zero_stage=3 shards them: use zero_stage 1 "
-         "or 2, or set ema.enabled=false")
-    need(0 < cfg.ema.decay < 1, "ema.decay must be in (0, 1)")
-    need(cfg.eval.every_epochs >= 0, "eval.every_epochs must be 0 (only at the end) or positive")
-    if problems:
-        raise ConfigError("; ".join(problems) + ".")
-
-
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
     """Schema defaults <- YAML <- ``key=value`` overrides, validated (the shared checks and fine-tuning's own)."""
-    cfg: Any = load_config(FinetuneConfig, path, overrides)
-    check_finetune(cfg)
-    return cfg
+    return load_config(FinetuneConfig, path, overrides)
