@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..data.config import DataConfig
 from .config import (
     CheckpointConfig,
+    ConfigError,
     DeepSpeedConfig,
     ModelConfig,
     OptimConfig,
@@ -103,8 +104,6 @@ class FinetuneConfig:
                 out.append(message)
 
         need(self.model.num_classes > 0, "model.num_classes must be positive (the classifier's class count)")
-        need(bool(self.data.train_urls), "data.train_urls is empty: set it to the training shards (or demo:train)")
-        need(bool(self.data.eval_urls), "data.eval_urls is empty: set it to the validation shards (or demo:val)")
         need(self.mixup.mode in MIXUP_MODES, f"mixup.mode must be one of {', '.join(MIXUP_MODES)}")
         need(0 <= self.mixup.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)")
         need(0 <= self.mixup.prob <= 1 and 0 <= self.mixup.switch_prob <= 1, "mixup.prob and mixup.switch_prob must be "
@@ -128,5 +127,12 @@ def mixup_enabled(cfg: FinetuneConfig) -> bool:
 
 
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
-    """Schema defaults <- YAML <- ``key=value`` overrides, validated (the shared checks and fine-tuning's own)."""
-    return load_config(FinetuneConfig, path, overrides)
+    """Schema defaults <- YAML <- ``key=value`` overrides, validated (the shared checks and fine-tuning's own),
+    with the shards a fine-tuning run needs (``launch/plan.py`` loads the same schema without them)."""
+    cfg = load_config(FinetuneConfig, path, overrides)
+    missing = [f"data.{key} is empty: set it to the {what} shards (or demo:{demo})"
+               for key, what, demo in (("train_urls", "training", "train"), ("eval_urls", "validation", "val"))
+               if not getattr(cfg.data, key)]
+    if missing:
+        raise ConfigError("; ".join(missing) + ".")
+    return cfg
