@@ -130,9 +130,10 @@ def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[
     """Schema defaults <- YAML <- ``key=value`` overrides, validated (the shared checks and fine-tuning's own),
     with the shards a fine-tuning run needs (``launch/plan.py`` loads the same schema without them)."""
     cfg = load_config(FinetuneConfig, path, overrides)
-    missing = [f"data.{key} is empty: set it to the {what} shards (or demo:{demo})"
-               for key, what, demo in (("train_urls", "training", "train"), ("eval_urls", "validation", "val"))
-               if not getattr(cfg.data, key)]
+    missing = [message for urls, message in (
+        (cfg.data.train_urls, "data.train_urls is empty: set it to the training shards (or demo:train)"),
+        (cfg.data.eval_urls, "data.eval_urls is empty: set it to the validation shards (or demo:val)"),
+    ) if not urls]
     if missing:
         raise ConfigError("; ".join(missing) + ".")
     return cfg
