@@ -7,7 +7,7 @@ with ``launch/plan.py``'s machinery, then runs three real DeepSpeed steps and re
 
 - ``max_memory_allocated`` against the predicted tensors (total minus the allowance);
 - the memory outside PyTorch's tensors (CUDA context, NCCL, allocator reserve: total - free - allocated at the
-  peak) against the allowance, so ``CUDA_CONTEXT_BYTES`` and ``FRAGMENTATION`` in ``swinv2/train/plan/gpus.py``
+  peak) against the allowance, so ``CUDA_CONTEXT_BYTES`` and ``FRAGMENTATION`` in ``swinv2/plan/gpus.py``
   can be replaced by measured values;
 - the step time against the estimate, which gives the MFU to pass as ``--mfu``.
 
@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 from simmim.config import PretrainConfig  # noqa: E402
 from simmim.plan import simmim_recipe  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
+from swinv2.plan.fake import cast_buffers  # noqa: E402
+from swinv2.plan.gpus import GPUS, Gpu  # noqa: E402
+from swinv2.plan.planner import Cluster  # noqa: E402
+from swinv2.plan.search import plan_config  # noqa: E402
 from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
-from swinv2.train.plan.fake import cast_buffers  # noqa: E402
-from swinv2.train.plan.gpus import GPUS, Gpu  # noqa: E402
-from swinv2.train.plan.planner import Cluster  # noqa: E402
-from swinv2.train.plan.search import plan_config  # noqa: E402
 
 CONFIGS = {"base": "configs/simmim/swinv2_base_192.yaml", "large": "configs/simmim/swinv2_large_192.yaml"}
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import swinv2  # noqa: E402
 from swinv2.data import demo  # noqa: E402
+from swinv2.finetune.weights import load_pretrained  # noqa: E402
 from swinv2.train.optim import param_groups  # noqa: E402
-from swinv2.train.weights import load_pretrained  # noqa: E402
 
 CACHE = Path(f"runs/diagnosis_data_v{demo.VERSION}.pt")  # the demo set's version: v1 and v2 differ
 DEMO = dict(img_size=64, window_size=4, embed_dim=32, depths=[2, 2, 4, 2], num_heads=[2, 4, 8, 16], num_classes=10)

@@ -25,9 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from swinv2.train.export import encoder_state_dict, save_safetensors, to_universal  # noqa: E402
-from swinv2.train.timm_export import export_timm, read_our_state  # noqa: E402
-from swinv2.train.weights import find_model_json, resolve_spec, write_model_json  # noqa: E402
+from swinv2.export import (  # noqa: E402
+    encoder_state_dict,  # noqa: E402
+    export_timm,
+    read_our_state,
+)
+from swinv2.files import save_safetensors  # noqa: E402
+from swinv2.finetune.weights import find_model_json, resolve_spec, write_model_json  # noqa: E402
+from swinv2.train.consolidate import to_universal  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from swinv2.files import write_text_atomic  # noqa: E402
+from swinv2.finetune.evaluation import evaluate_checkpoint  # noqa: E402
+from swinv2.finetune.weights import WeightsError, resolve_spec  # noqa: E402
+from swinv2.train.consolidate import locate  # noqa: E402
 from swinv2.train.engine import init_distributed  # noqa: E402
-from swinv2.train.evaluate import evaluate_checkpoint  # noqa: E402
-from swinv2.train.export import locate  # noqa: E402
-from swinv2.train.files import write_text_atomic  # noqa: E402
-from swinv2.train.weights import WeightsError, resolve_spec  # noqa: E402
 
 
 def _windows(text: str) -> list[int]:

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from swinv2.data import DataError  # noqa: E402
-from swinv2.train.checkpointing import CheckpointWriteError  # noqa: E402
+from swinv2.finetune.config import load_finetune_config  # noqa: E402
+from swinv2.finetune.run import finetune  # noqa: E402
+from swinv2.finetune.weights import WeightsError  # noqa: E402
+from swinv2.train.checkpoint_manager import CheckpointWriteError  # noqa: E402
 from swinv2.train.config import ConfigError  # noqa: E402
-from swinv2.train.finetune import finetune  # noqa: E402
-from swinv2.train.finetune_config import load_finetune_config  # noqa: E402
 from swinv2.train.safe_load import UnsafeCheckpointError  # noqa: E402
-from swinv2.train.weights import WeightsError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

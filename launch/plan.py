@@ -23,14 +23,14 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from simmim.config import PretrainConfig  # noqa: E402
 from simmim.plan import simmim_recipe  # noqa: E402
+from swinv2.finetune.config import FinetuneConfig  # noqa: E402
+from swinv2.plan import gpus  # noqa: E402
+from swinv2.plan.fake import classifier_recipe, is_pretraining  # noqa: E402
+from swinv2.plan.paper import paper_table  # noqa: E402
+from swinv2.plan.planner import Cluster  # noqa: E402
+from swinv2.plan.report import cannot_fit, describe, gib, search_table, setting  # noqa: E402
+from swinv2.plan.search import fastest, plan_config, search, with_setting  # noqa: E402
 from swinv2.train.config import ConfigError, load_config  # noqa: E402
-from swinv2.train.finetune_config import FinetuneConfig  # noqa: E402
-from swinv2.train.plan import gpus  # noqa: E402
-from swinv2.train.plan.fake import classifier_recipe, is_pretraining  # noqa: E402
-from swinv2.train.plan.paper import paper_table  # noqa: E402
-from swinv2.train.plan.planner import Cluster  # noqa: E402
-from swinv2.train.plan.report import cannot_fit, describe, gib, search_table, setting  # noqa: E402
-from swinv2.train.plan.search import fastest, plan_config, search, with_setting  # noqa: E402
 
 FINETUNE_KEYS = {"pretrained", "mixup", "ema", "eval"}
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from simmim.config import PretrainConfig  # noqa: E402
 from simmim.pretrain import pretrain  # noqa: E402
 from swinv2.data import DataError  # noqa: E402
-from swinv2.train.checkpointing import CheckpointWriteError  # noqa: E402
+from swinv2.train.checkpoint_manager import CheckpointWriteError  # noqa: E402
 from swinv2.train.config import ConfigError, load_config  # noqa: E402
 from swinv2.train.safe_load import UnsafeCheckpointError  # noqa: E402
 

@@ -3,8 +3,8 @@ pretraining transform and reconstruction grids. Depends on :mod:`swinv2`, never 
 
 from __future__ import annotations
 
-from .checkpoints import export_encoder, load_checkpoint
 from .heldout import HeldOutTransform, heldout_loss
+from .layouts import export_encoder, load_checkpoint
 from .masking import MaskGenerator
 from .model import SimMIM, local_normalize
 from .transforms import PretrainTransform, normalize_images

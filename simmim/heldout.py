@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from swinv2.train.evaluate import lockstep_batches
+from swinv2.train.eval_batches import lockstep_batches
 from swinv2.windows import to_2tuple
 
 from .masking import MaskGenerator

@@ -1,12 +1,12 @@
-"""The memory planner's view of a SimMIM pretraining config (``launch/plan.py``, :mod:`swinv2.train.plan`)."""
+"""The memory planner's view of a SimMIM pretraining config (``launch/plan.py``, :mod:`swinv2.plan`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from swinv2.plan.fake import Recipe, cast_params
 from swinv2.train.config import DTYPES
-from swinv2.train.plan.fake import Recipe, cast_params
 
 from .config import PretrainConfig
 from .pretrain import build_simmim

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from .checkpoints import LoadReport, export_timm_state_dict, load_checkpoint
+from .layouts import LoadReport, export_timm_state_dict, load_checkpoint
 from .model import SwinTransformer
 from .variants import VARIANTS
 

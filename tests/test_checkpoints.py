@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_V1, TINY_V2, randomize_
 
 import swinv2
-from swinv2.checkpoints import save_checkpoint
+from swinv2.layouts import save_checkpoint
 
 
 def _v2(**kw):

@@ -20,9 +20,9 @@ from pretrain_helpers import BIN, ROOT, TINY, describe, free_port, pretrain_cmd,
 from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
 from swinv2.train.config import load_config
-from swinv2.train.export import consolidated_state_dict
+from swinv2.train.consolidate import consolidated_state_dict
 
-HELPER = str(ROOT / "tests" / "engine_curves.py")
+HELPER = str(ROOT / "tests" / "helpers" / "engine_curves.py")
 STEPS = 12
 
 

@@ -1,9 +1,10 @@
 """On a GPU: steady-state steps of the real step loop make no host-device sync between sync steps.
 
 ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA call (``item``, blocking copies,
-``torch.cuda.synchronize``, ...) warn (PyTorch docs, ``torch.cuda.set_sync_debug_mode``). ``tests/loop_probe.py``
-turns it on inside the steps after the third and after every step that is not a sync step of the loop (report or
-last step), on a real ``launch/pretrain.py`` run, and records each warning with the code that caused it.
+``torch.cuda.synchronize``, ...) warn (PyTorch docs, ``torch.cuda.set_sync_debug_mode``).
+``tests/helpers/loop_probe.py`` turns it on inside the steps after the third and after every step that is not a sync
+step of the loop (report or last step), on a real ``launch/pretrain.py`` run, and records each warning with the code
+that caused it.
 
 - With DeepSpeed's own per-step host reads switched off (its throughput timer, which calls
   ``torch.cuda.synchronize()`` around every micro batch; the bf16 overflow check; gradient clipping, whose
@@ -26,7 +27,7 @@ from pretrain_helpers import PRETRAIN, ROOT, TIMEOUT, TINY, describe, env
 
 pytestmark = pytest.mark.cuda
 
-PROBE = str(ROOT / "tests" / "loop_probe.py")
+PROBE = str(ROOT / "tests" / "helpers" / "loop_probe.py")
 STEPS, LOG_EVERY = 12, 5
 SYNC_STEPS = "5,10,12"  # reports and the last step
 NO_DEEPSPEED_SYNCS = {"timers": {"throughput": {"enabled": False}}, "bf16": {"check_grad_overflow": False}}

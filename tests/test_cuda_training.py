@@ -56,7 +56,7 @@ def test_bf16_run_leaves_pytorch_defaults(tmp_path):
 def test_compiled_training_follows_eager_on_cuda(tmp_path):
     out = tmp_path / "curves.json"
     z2 = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16", "deepspeed.global_batch=8", "data.batch_size=4"]
-    cmd = [sys.executable, str(ROOT / "tests" / "engine_curves.py"), "--out", str(out), "--steps", "10",
+    cmd = [sys.executable, str(ROOT / "tests" / "helpers" / "engine_curves.py"), "--out", str(out), "--steps", "10",
            "--run", "eager", *z2, "--run", "compiled", *z2, "run.compile=true"]
     result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, describe(result)

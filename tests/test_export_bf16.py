@@ -18,8 +18,8 @@ import torch
 from pretrain_helpers import CONVERT, describe, pretrain_cmd, run
 from safetensors.torch import load_file
 
-from swinv2.train.checkpointing import CheckpointManager
-from swinv2.train.export import consolidated_state_dict, locate
+from swinv2.train.checkpoint_manager import CheckpointManager
+from swinv2.train.consolidate import consolidated_state_dict, locate
 from swinv2.train.safe_load import weights_only_loads
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The one atomic writer (swinv2.train.files.AtomicPath): a file or a folder appears whole under its name or not
+"""The one atomic writer (swinv2.files.AtomicPath): a file or a folder appears whole under its name or not
 at all, and a failed write leaves neither a half-written target nor its temporary behind."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from swinv2.train.files import AtomicPath, default_file_mode, save_safetensors, write_text_atomic
+from swinv2.files import AtomicPath, default_file_mode, save_safetensors, write_text_atomic
 
 
 def test_a_file_replaces_the_old_one_only_when_the_write_succeeds(tmp_path):

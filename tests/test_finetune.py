@@ -21,13 +21,11 @@ from safetensors import safe_open
 import simmim
 import swinv2
 from swinv2.data import DataConfig, build_loader
-from swinv2.train.config import ConfigError
-from swinv2.train.engine import build_optimizer
-from swinv2.train.evaluate import evaluate
-from swinv2.train.finetune import build_criterion, build_mixup
-from swinv2.train.finetune_config import load_finetune_config
-from swinv2.train.keep import BestKeeper
-from swinv2.train.weights import (
+from swinv2.finetune.best_weights import BestKeeper
+from swinv2.finetune.config import load_finetune_config
+from swinv2.finetune.evaluation import evaluate
+from swinv2.finetune.run import build_criterion, build_mixup
+from swinv2.finetune.weights import (
     WeightsError,
     build_classifier,
     load_pretrained,
@@ -35,6 +33,8 @@ from swinv2.train.weights import (
     resolve_spec,
     write_model_json,
 )
+from swinv2.train.config import ConfigError
+from swinv2.train.engine import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))

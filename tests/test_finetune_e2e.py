@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import swinv2
 from swinv2.data import DataConfig, build_loader
-from swinv2.train.evaluate import evaluate
-from swinv2.train.weights import write_model_json
+from swinv2.finetune.evaluation import evaluate
+from swinv2.finetune.weights import write_model_json
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The step loop reads nothing from a tensor to the host between sync steps, and still stops cleanly on SIGTERM.
 
-A real ``launch/pretrain.py`` run (DeepSpeed on the CPU) under ``tests/loop_probe.py``, which wraps every method
+A real ``launch/pretrain.py`` run (DeepSpeed on the CPU) under ``tests/helpers/loop_probe.py``, which wraps every method
 that reads a tensor to the host (``item``, ``tolist``, ``cpu``, ``numpy``, ``__bool__``, ``__float__``, ...) and
 records which code called it in which step. On a GPU each such read waits for the device queue to drain; the
 loop keeps its losses and flags on the device and reads them at sync steps only: report steps (``run.log_every``),
@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from pretrain_helpers import PRETRAIN, ROOT, TIMEOUT, TINY, complete_json, describe, env
 
-from swinv2.train.checkpointing import CheckpointManager
+from swinv2.train.checkpoint_manager import CheckpointManager
 
 pytestmark = pytest.mark.slow
 
-PROBE = str(ROOT / "tests" / "loop_probe.py")
+PROBE = str(ROOT / "tests" / "helpers" / "loop_probe.py")
 LOG_EVERY, CHECKPOINT_EVERY, SIGTERM_AT = 5, 7, 11
 
 

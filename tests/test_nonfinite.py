@@ -1,6 +1,6 @@
 """A non-finite loss under ``run.on_nonfinite`` = ``skip``, ``rollback`` and ``stop``, on 2 ranks through the real
 ``deepspeed`` launcher (gloo, CPU). The loss of one rank in one step is made non-finite by a test-only wrapper
-around the run's ``compute_loss`` (``tests/loop_probe.py``, ``LOOP_PROBE_NONFINITE``)."""
+around the run's ``compute_loss`` (``tests/helpers/loop_probe.py``, ``LOOP_PROBE_NONFINITE``)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from pretrain_helpers import BIN, PRETRAIN, ROOT, TIMEOUT, TINY, complete_json, describe, env, free_port, wandb_history
 
-from swinv2.train.checkpointing import CheckpointManager
-from swinv2.train.export import consolidated_state_dict
+from swinv2.train.checkpoint_manager import CheckpointManager
+from swinv2.train.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
-PROBE = str(ROOT / "tests" / "loop_probe.py")
+PROBE = str(ROOT / "tests" / "helpers" / "loop_probe.py")
 TWO_RANKS = ["data.batch_size=4", "data.samples_per_epoch=40"]  # 8 images per step, 10 steps per epoch, as TINY
 MESSAGE = ("the loss became non-finite at step {step} (last value {value} on rank {rank}): lower optim.base_lr or "
            "optim.clip_grad, or use bf16 instead of fp16; the last checkpoint is intact")

@@ -1,4 +1,4 @@
-"""The planner's activation count (swinv2.train.plan): bytes saved for backward counted on fake CUDA tensors equal
+"""The planner's activation count (swinv2.plan): bytes saved for backward counted on fake CUDA tensors equal
 those of a real CPU forward of the same model at the same shapes, and a real CPU training step's memory growth
 agrees with the planner's activations + transient.
 
@@ -17,9 +17,10 @@ from conftest import TINY_V1, TINY_V2
 
 import simmim
 import swinv2
-from swinv2.train.plan.activations import count_saved
-from swinv2.train.plan.fake import Recipe, fake_cuda
-from swinv2.train.plan.measure import measure
+from swinv2.flops import fake_cuda
+from swinv2.plan.activations import count_saved
+from swinv2.plan.fake import Recipe
+from swinv2.plan.measure import measure
 
 CASES = {
     "v2 classifier": ("swinv2_tiny_window8_256", dict(TINY_V2, num_classes=10), 128, False),

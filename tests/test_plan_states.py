@@ -1,7 +1,7 @@
-"""Model-state bytes per rank predicted by the planner (swinv2.train.plan.states) equal what real DeepSpeed
+"""Model-state bytes per rank predicted by the planner (swinv2.plan.states) equal what real DeepSpeed
 engines hold: two ranks (``deepspeed --num_gpus 2``, gloo on CPU), ZeRO 0, 1, 2 and 3, fp32 and bf16, one launch.
 
-The helper ``tests/zero_states_probe.py`` measures every live tensor storage of each rank after the second
+The helper ``tests/helpers/zero_states_probe.py`` measures every live tensor storage of each rank after the second
 backward pass (weights, gradients and optimizer states all present) and after the second optimizer step.
 """
 
@@ -16,9 +16,9 @@ from zero_states_probe import RUNS, config_overrides, run_key
 
 from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
+from swinv2.plan.fake import cast_buffers
+from swinv2.plan.states import model_states
 from swinv2.train.config import load_config
-from swinv2.train.plan.fake import cast_buffers
-from swinv2.train.plan.states import model_states
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero_states") / "states.json"
     result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                  str(ROOT / "tests" / "zero_states_probe.py"), "--out", str(out)])
+                  str(ROOT / "tests" / "helpers" / "zero_states_probe.py"), "--out", str(out)])
     assert result.returncode == 0, describe(result)
     return json.loads(out.read_text())
 

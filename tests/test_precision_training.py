@@ -4,7 +4,8 @@ gradients are summed over micro batches or ZeRO-2/3 gradient partitions, and fp3
 Mixed-precision training keeps fp32 master weights and fp32 accumulators (Micikevicius et al., arXiv 1710.03740
 sec. 3); bf16 keeps fp32's range but only an 8-bit significand, so a bf16 sum of many small gradients drops their low
 bits. The loss-curve test trains the same tiny SimMIM model on the same fixed batches with our real engine on two
-processes (``tests/engine_curves.py``): fp32 against bf16 with fp32 accumulation (our derived config). On that curve
+processes
+(``tests/helpers/engine_curves.py``): fp32 against bf16 with fp32 accumulation (our derived config). On that curve
 bf16's rounding of weights and activations hides how gradients are summed, so a second test isolates the summing:
 the same micro batch accumulated 8 times must give exactly one micro batch's gradient, which fp32 accumulation does
 and DeepSpeed's bf16 default does not.
@@ -24,7 +25,7 @@ from swinv2.train.config import ConfigError, load_config
 from swinv2.train.engine import apply_tf32, deepspeed_config, fp32_grad_accumulation, tf32_enabled
 from swinv2.train.safe_load import weights_only_loads
 
-HELPER = str(ROOT / "tests" / "engine_curves.py")
+HELPER = str(ROOT / "tests" / "helpers" / "engine_curves.py")
 
 
 def derived(world: int, *overrides: str) -> dict:

@@ -48,10 +48,10 @@ from pretrain_helpers import (
 import swinv2
 from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
-from swinv2.train.checkpointing import CheckpointManager
+from swinv2.train.checkpoint_manager import CheckpointManager
 from swinv2.train.config import ConfigError, load_config
+from swinv2.train.consolidate import consolidated_state_dict
 from swinv2.train.engine import scaled_lrs
-from swinv2.train.export import consolidated_state_dict
 from swinv2.train.optim import lr_at
 
 DEMO = ROOT / "configs" / "demo.yaml"

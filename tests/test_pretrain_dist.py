@@ -3,8 +3,8 @@ norms with ZeRO-2 and ZeRO-3 (with and without gradient accumulation) as one pro
 and a ZeRO-3 checkpoint converts to exactly the weights the ranks held.
 
 The real data loader gives each rank its own shard stream, so it cannot give identical curves; the helper
-``tests/pretrain_parity.py`` feeds every process the same fixed global batches instead (rank r takes slice r) and
-trains them with the real engine of ``swinv2.train.engine.build_engine``.
+``tests/helpers/pretrain_parity.py`` feeds every process the same fixed global batches instead (rank r takes slice r)
+and trains them with the real engine of ``swinv2.train.engine.build_engine``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from pretrain_helpers import BIN, CONVERT, ROOT, describe, free_port, run
 
-HELPER = str(ROOT / "tests" / "pretrain_parity.py")
+HELPER = str(ROOT / "tests" / "helpers" / "pretrain_parity.py")
 pytestmark = pytest.mark.slow
 
 

@@ -12,10 +12,10 @@ import torch
 from data_helpers import labelled_shards
 from pretrain_helpers import NO_MONITORS, PRETRAIN, describe, pretrain_cmd, run, wandb_history
 
+from swinv2.finetune.config import FinetuneConfig
+from swinv2.finetune.weights import build_classifier, load_pretrained
 from swinv2.train.config import load_config
-from swinv2.train.export import consolidated_state_dict
-from swinv2.train.finetune_config import FinetuneConfig
-from swinv2.train.weights import build_classifier, load_pretrained
+from swinv2.train.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

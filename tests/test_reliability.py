@@ -40,7 +40,7 @@ from pretrain_helpers import (
     start,
 )
 
-from swinv2.train.checkpointing import CheckpointManager
+from swinv2.train.checkpoint_manager import CheckpointManager
 
 EVALUATE = str(ROOT / "launch" / "evaluate.py")
 FINETUNE = str(ROOT / "launch" / "finetune.py")

@@ -18,7 +18,7 @@ from pretrain_helpers import BIN, ROOT, describe, free_port, run
 def test_deepspeed_cpu_run_leaves_no_shared_memory_segment():
     port = free_port()
     result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-                  str(ROOT / "tests" / "shm_probe.py")])
+                  str(ROOT / "tests" / "helpers" / "shm_probe.py")])
     assert result.returncode == 0, describe(result)
     # The two ranks share the launcher's stdout, so their lines can run together.
     probes = sorted((json.loads(found) for found in re.findall(r"PROBE (\{[^}]*\})", result.stdout)),

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import randomize_
-from simmim_helpers import TINY, V1, V2, masks, one_thread, tiny_simmim  # noqa: F401 (fixture)
+from simmim_helpers import TINY, V1, V2, masks, one_thread, tiny_simmim  # noqa: F401 (fixture
 
 import swinv2
 from simmim import MaskGenerator, SimMIM

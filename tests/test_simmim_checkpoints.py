@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import randomize_
-from simmim_helpers import TINY, V1, V2, masks, one_thread, tiny_simmim  # noqa: F401 (fixture)
+from simmim_helpers import TINY, V1, V2, masks, one_thread, tiny_simmim  # noqa: F401 (fixture
 
 import simmim
 import swinv2

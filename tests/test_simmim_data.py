@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from simmim_helpers import TINY, V2, masks, one_thread  # noqa: F401 (fixture)
+from simmim_helpers import TINY, V2, masks, one_thread  # noqa: F401 (fixture
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
 from torchvision import transforms as T

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from pretrain_helpers import BIN, PRETRAIN, TINY, free_port, signal_after_step, start
 
-from swinv2.train.checkpointing import CheckpointManager
+from swinv2.train.checkpoint_manager import CheckpointManager
 from swinv2.train.slurm import requeue_job, requeue_wanted
 
 STAND_IN = """#!{python}

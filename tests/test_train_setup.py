@@ -15,9 +15,9 @@ from simmim import SimMIM
 from simmim.config import PretrainConfig
 from simmim.pretrain import build_simmim
 from swinv2.data import DataConfig
+from swinv2.finetune.config import FinetuneConfig
 from swinv2.train.config import ConfigError, load_config
 from swinv2.train.engine import accumulation_steps, deepspeed_config, scaled_lrs, slurm_env
-from swinv2.train.finetune_config import FinetuneConfig
 from swinv2.train.optim import StepSchedule, layer_ids, lr_at, no_weight_decay_params, param_groups
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -45,9 +45,9 @@ def test_config_loads_and_builds_on_meta(path):
 def test_giant_config_fits_an_80gb_gpu_by_the_planner():
     """The giant config's micro batch and ZeRO stage come from ``launch/plan.py --search`` on A100-80GB."""
     from simmim.plan import simmim_recipe
-    from swinv2.train.plan.gpus import GPUS
-    from swinv2.train.plan.planner import Cluster
-    from swinv2.train.plan.search import plan_config
+    from swinv2.plan.gpus import GPUS
+    from swinv2.plan.planner import Cluster
+    from swinv2.plan.search import plan_config
 
     cfg = load_config(PretrainConfig, next(p for p in CONFIGS if p.stem == "swinv2_giant_192"))
     plan = plan_config(cfg, simmim_recipe, Cluster(GPUS["a100-80gb"], world=128))

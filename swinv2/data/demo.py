@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..train.files import AtomicPath
+from ..files import AtomicPath
 from .shards import ShardSink, encode_jpeg, write_index
 
 VERSION = 2

@@ -32,7 +32,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..train.files import AtomicPath, write_text_atomic
+from ..files import AtomicPath, write_text_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 # PIL format -> webdataset extension for originals kept as they are. MPO is what PIL calls many camera JPEGs.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import dummy_input, lockstep_batches
+from .eval_batches import dummy_input, lockstep_batches
 
 
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int | None = None,

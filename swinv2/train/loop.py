@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..flops import ImageFlops
-from .checkpointing import CheckpointManager
+from .checkpoint_manager import CheckpointManager
 from .config import ConfigError, RunConfig
 from .slurm import requeue_job, requeue_wanted
 from .throughput import Peak, PhaseTimer, device_peak, step_flops

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import write_text_atomic
 from ..flops import ImageFlops
-from .checkpointing import CheckpointManager, ResumePoint
+from .checkpoint_manager import CheckpointManager, ResumePoint
 from .config import DTYPES, ConfigError, to_dict, to_yaml
 from .engine import accumulation_steps, build_engine, init_distributed
-from .files import write_text_atomic
 from .loop import LoopEnd, train_loop
 from .tracking import Tracker
 

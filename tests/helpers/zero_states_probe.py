@@ -1,4 +1,4 @@
-"""Helper for tests/test_plan_states.py, run as ``deepspeed --num_gpus 2 tests/zero_states_probe.py --out F``.
+"""Helper for tests/test_plan_states.py, run as ``deepspeed --num_gpus 2 tests/helpers/zero_states_probe.py --out F``.
 
 For ZeRO 0-3 x fp32/bf16, one micro batch per step, and ZeRO-1 bf16 with two (DeepSpeed's ``BF16_Optimizer``,
 float32 accumulation) it builds the tiny SimMIM model of the demo config, wraps it in our real engine
@@ -21,16 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from simmim.config import PretrainConfig  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
+from swinv2.plan.fake import cast_buffers  # noqa: E402
 from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import build_engine, init_distributed  # noqa: E402
-from swinv2.train.plan.fake import cast_buffers  # noqa: E402
 
 TINY = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "data.batch_size=2",
         "deepspeed.global_batch=4", "model.img_size=64"]

@@ -1,7 +1,7 @@
 """Run ``launch/pretrain.py`` (or any launch script) with instruments on the step loop, for the loop tests.
 
-    python tests/loop_probe.py RECORD.json launch/pretrain.py key=value ...
-    deepspeed --num_gpus 2 tests/loop_probe.py RECORD.json launch/pretrain.py ...   # RECORD.json.rank<r> each
+    python tests/helpers/loop_probe.py RECORD.json launch/pretrain.py key=value ...
+    deepspeed --num_gpus 2 tests/helpers/loop_probe.py RECORD.json launch/pretrain.py ...   # RECORD.json.rank<r> each
 
 Nothing is replaced: every instrument calls the real function and only records.
 
@@ -33,7 +33,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402

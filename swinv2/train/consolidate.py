@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints out of training: consolidated fp32 weights, the encoder alone, universal checkpoints."""
+"""DeepSpeed checkpoints out of training: consolidated fp32 weights and universal checkpoints."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from deepspeed.checkpoint.constants import (
     ZERO_STAGE,
 )
 
-from .checkpointing import MARKER, TAG, CheckpointManager
-from .files import save_safetensors  # noqa: F401  (part of this module's API)
+from .checkpoint_manager import MARKER, TAG, CheckpointManager
 from .safe_load import weights_only_loads
 
 
@@ -116,14 +115,6 @@ def _bf16_optimizer_state_dict(checkpoint: Path, optim: list[dict]) -> dict[str,
         if source in state:
             state[name] = state[source]
     return state
-
-
-def encoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone of a SimMIM state dict (``encoder.*``, mask token and decoder dropped), as swinv2 loads it."""
-    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder:
-        raise ValueError("the checkpoint has no encoder.* weights: it is not a SimMIM checkpoint")
-    return encoder
 
 
 def to_universal(path: str | os.PathLike) -> Path:

@@ -5,8 +5,8 @@ parameter groups, schedule and clipping) on one fixed synthetic global batch per
 process: rank r takes the contiguous slice r of it, cut into micro batches for gradient accumulation. The shard
 streams of the real loader differ per rank, so they could not give the same curve on 1 and 2 processes; this does.
 
-    python tests/pretrain_parity.py --out one.json --runs 1:8
-    deepspeed --num_gpus 2 tests/pretrain_parity.py --out two.json --runs 2:4,3:2
+    python tests/helpers/pretrain_parity.py --out one.json --runs 1:8
+    deepspeed --num_gpus 2 tests/helpers/pretrain_parity.py --out two.json --runs 2:4,3:2
 
 ``--runs`` lists ``zero_stage:micro_batch`` pairs, trained one after the other (fresh model and engine each).
 Rank 0 writes ``{"zero<stage>_micro<m>": {"losses": [...], "lrs": [...], "grad_norms": [...], ...}}``: per
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402
@@ -34,10 +34,10 @@ import torch  # noqa: E402
 from simmim.config import PretrainConfig  # noqa: E402
 from simmim.masking import MaskGenerator  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
-from swinv2.train.checkpointing import CheckpointManager  # noqa: E402
+from swinv2.files import save_safetensors  # noqa: E402
+from swinv2.train.checkpoint_manager import CheckpointManager  # noqa: E402
 from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed  # noqa: E402
-from swinv2.train.export import save_safetensors  # noqa: E402
 
 GLOBAL_BATCH = 8
 # Small and fast, but every code path of the real model: 4 stages, shifted windows, patch merging.

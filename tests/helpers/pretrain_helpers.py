@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtual environment running pytest; its deepspeed launcher sits beside it
 PRETRAIN = str(ROOT / "launch" / "pretrain.py")
 CONVERT = str(ROOT / "launch" / "convert.py")

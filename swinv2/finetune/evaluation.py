@@ -1,50 +1,17 @@
-"""Top-1 / top-5 / loss over a whole evaluation set, every sample counted exactly once across ranks.
-
-The evaluation stream gives each rank its own shards, so ranks see different numbers of samples and batches.
-Each rank therefore sums loss, hits and count locally and the sums are all-reduced once at the end; a collective
-per batch would hang the rank that still has batches. The exception is a model whose forward is itself
-collective (ZeRO-3 gathers parameters layer by layer): ``lockstep=True`` makes the ranks agree each batch on
-whether any rank still has data, and ranks that ran dry take part with a dummy batch whose outputs are dropped.
-"""
+"""Top-1 / top-5 / loss of a classifier over a whole evaluation set, every sample counted exactly once across
+ranks (:mod:`swinv2.train.eval_batches` explains how ranks with different numbers of batches stay in step)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DTYPES
-
-
-def _reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def lockstep_batches(loader: Any, device: torch.device, lockstep: bool, dry_forward: Callable[[], Any]
-                     ) -> Iterator[dict]:
-    """``loader``'s batches; with ``lockstep`` the ranks agree before each batch whether any rank still has one,
-    and a rank that ran dry calls ``dry_forward()`` (a forward on a dummy input, outputs dropped) so that it joins
-    the others' collectives (ZeRO-3 parameter gathers) until every rank is done."""
-    batches = iter(loader)
-    while True:
-        batch = next(batches, None)
-        if lockstep:
-            any_left = _reduce(torch.tensor([float(batch is not None)], device=device),
-                               torch.distributed.ReduceOp.MAX if torch.distributed.is_initialized() else None)
-            if not any_left.item():
-                return
-            if batch is None:  # this rank ran dry: join the others' parameter gathers
-                dry_forward()
-                continue
-        elif batch is None:
-            return
-        yield batch
+from ..train.config import DTYPES
+from ..train.eval_batches import all_reduce, dummy_input, lockstep_batches
 
 
 @torch.no_grad()
@@ -74,22 +41,13 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device | str, dtype: t
     finally:
         model.train(was_training)
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-    _reduce(sums)
-    _reduce(elapsed, torch.distributed.ReduceOp.MAX if torch.distributed.is_initialized() else None)
+    all_reduce(sums)
+    all_reduce(elapsed, torch.distributed.ReduceOp.MAX if torch.distributed.is_initialized() else None)
     loss, top1, top5, count = sums.tolist()
     if count == 0:
         raise RuntimeError("the evaluation set is empty on every rank: check data.eval_urls (or --data)")
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count, "count": int(count),
             "images_per_s": count / max(elapsed.item(), 1e-9)}
-
-
-def dummy_input(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One all-zero image of ``model.img_size`` (for a rank without data in a lockstep evaluation)."""
-    size = getattr(model, "img_size", None)
-    if size is None:
-        raise ValueError("lockstep evaluation needs model.img_size for the dummy batch of a rank without data")
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.zeros(1, 3, h, w, device=device, dtype=dtype)
 
 
 def evaluate_checkpoint(checkpoint: str, urls: str, spec: dict, *, batch_size: int = 128, num_workers: int = 4,

@@ -8,8 +8,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ..engine import deepspeed_config
-from .fake import Recipe, fake_cuda
+from ..flops import fake_cuda
+from ..train.engine import deepspeed_config
+from .fake import Recipe
 from .measure import Measured, measure
 from .planner import Cluster, Plan, make_plan
 from .states import model_states, refused

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import load_config
-from ..finetune_config import FinetuneConfig
-from .fake import fake_cuda
+from ..finetune.config import FinetuneConfig
+from ..flops import fake_cuda
+from ..train.config import load_config
 from .gpus import GIB, GPUS
 from .measure import measure
 from .planner import Cluster, make_plan

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpointing import CheckpointManager, ResumePoint
-from .files import save_safetensors, write_text_atomic
+from ..files import save_safetensors, write_text_atomic
+from ..train.checkpoint_manager import CheckpointManager, ResumePoint
 
 EMA_FILE = "ema.safetensors"
 

@@ -4,7 +4,7 @@ The forward runs the real model (every module's own forward) under ``saved_tenso
 saves is recorded by its storage, so views and tensors saved by several operators count once, and parameters and
 buffers (model states, not activations) are left out. With activation checkpointing (non-reentrant) the
 checkpoint saves each block's inputs through the same hook and nothing inside the block, which is exactly what it
-keeps. Run on fake tensors (:func:`swinv2.train.plan.fake.fake_cuda`) this costs no memory; run on real tensors it
+keeps. Run on fake tensors (:func:`swinv2.plan.fake.fake_cuda`) this costs no memory; run on real tensors it
 counts a real forward (the tests compare the two).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...model import SwinBlock
+from ..model import SwinBlock
 
 
 @dataclass

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...flops import count_flops
-from ...model import SwinTransformer
+from ..flops import count_flops, fake_cuda
+from ..model import SwinTransformer
 from .activations import SavedTensors, count_saved
-from .fake import Recipe, fake_cuda
+from .fake import Recipe
 
 
 @dataclass(frozen=True)

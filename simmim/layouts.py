@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from swinv2.checkpoints import LoadReport, adapt_to_model, read_state_dict, to_our_layout
+from swinv2.layouts import LoadReport, adapt_to_model, read_state_dict, to_our_layout
 
 from .model import SimMIM
 

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from ..data import build_loader
+from ..files import write_text_atomic
 from ..flops import ImageFlops, image_flops
-from .checkpointing import CheckpointManager
-from .evaluate import evaluate
-from .files import write_text_atomic
-from .finetune_config import FinetuneConfig, mixup_enabled
-from .keep import BestKeeper, EmaCheckpointManager, full_state_dict
-from .loop import LoopEnd
-from .run import TrainingRun, start_run
+from ..train.checkpoint_manager import CheckpointManager
+from ..train.loop import LoopEnd
+from ..train.run import TrainingRun, start_run
+from .best_weights import BestKeeper, EmaCheckpointManager, full_state_dict
+from .config import FinetuneConfig, mixup_enabled
+from .evaluation import evaluate
 from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
 
 

@@ -18,8 +18,8 @@ from torch import nn
 
 import swinv2
 
-from .export import consolidated_state_dict
-from .files import write_text_atomic
+from ..files import write_text_atomic
+from ..train.consolidate import consolidated_state_dict
 
 MODEL_JSON = "model.json"
 # Options that shape the weights or the forward pass; training-only ones (drop path, activation checkpointing,

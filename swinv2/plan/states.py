@@ -43,9 +43,9 @@ from typing import Any
 
 from torch import nn
 
-from ...attention import WindowAttentionV2
-from ..engine import accumulation_steps, fp32_grad_accumulation
-from ..optim import param_groups
+from ..attention import WindowAttentionV2
+from ..train.engine import accumulation_steps, fp32_grad_accumulation
+from ..train.optim import param_groups
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

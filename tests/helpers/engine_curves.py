@@ -6,9 +6,10 @@ schedule, clipping, DeepSpeed config, ``run.compile``) on fixed synthetic global
 and every run: rank r takes slice r of each global batch, cut into micro batches for gradient accumulation. Each run
 starts from the same initial weights, so two runs that differ only in one setting give comparable curves.
 
-    python tests/engine_curves.py --out curves.json --run eager deepspeed.zero_stage=1 \\
+    python tests/helpers/engine_curves.py --out curves.json --run eager deepspeed.zero_stage=1 \\
         --run compiled deepspeed.zero_stage=1 run.compile=true
-    deepspeed --num_gpus 2 tests/engine_curves.py --out two.json --run z2 deepspeed.zero_stage=2 data.batch_size=4
+    deepspeed --num_gpus 2 tests/helpers/engine_curves.py --out two.json --run z2 \\
+        deepspeed.zero_stage=2 data.batch_size=4
 
 Each ``--run NAME OVERRIDE...`` is trained in turn (fresh model and engine). Rank 0 writes ``{NAME: {"losses": [...],
 "grad_norms": [...], "accumulation": A, "world_size": W, "optimizer": class name, "grad_accum_dtype": ...,
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from simmim.config import PretrainConfig  # noqa: E402
 from simmim.masking import MaskGenerator  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
-from swinv2.train.checkpointing import CheckpointManager  # noqa: E402
+from swinv2.train.checkpoint_manager import CheckpointManager  # noqa: E402
 from swinv2.train.config import DTYPES, load_config  # noqa: E402
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .train.files import save_safetensors, write_atomic
+from .files import save_safetensors, write_atomic
 
 DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")

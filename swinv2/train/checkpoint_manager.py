@@ -30,7 +30,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from .files import AtomicPath, write_text_atomic
+from ..files import AtomicPath, write_text_atomic
 from .safe_load import weights_only_loads
 
 MARKER = "complete.json"

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import accumulation_steps
+from ..train.engine import accumulation_steps
 from .gpus import CUDA_CONTEXT_BYTES, DEFAULT_MFU, FRAGMENTATION, INTER_NODE_GBPS, INTRA_NODE_GBPS, Gpu
 from .measure import Measured
 from .states import BYTES, ModelStates, comm_buffers, refused, uses_bf16_optimizer

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..data.config import DataConfig
-from .config import (
+from ..train.config import (
     CheckpointConfig,
     ConfigError,
     DeepSpeedConfig,
