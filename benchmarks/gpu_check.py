@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -151,25 +150,16 @@ def planner(out: Path) -> list:
 
 
 PRETRAIN_VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (compile, checkpoint activations)
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) (.*)$")
 
 
-def step_numbers(text: str) -> dict[int, dict[str, float]]:
-    """``{step: {key: number}}`` from the loop's console lines ``step S/T key value key value ...``; values that are
-    not numbers (an ETA such as ``1m02s``) are left out, so new keys are picked up without knowing their names."""
-    out: dict[int, dict[str, float]] = {}
-    for line in text.splitlines():
-        m = STEP_LINE.match(line.strip())
-        if not m:
-            continue
-        tokens, row = m[3].split(), {}
-        for key, value in zip(tokens[::2], tokens[1::2], strict=False):
-            try:
-                row[key] = float(value.rstrip("%"))
-            except ValueError:
-                pass
-        out[int(m[1])] = row
-    return out
+def reported_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """``{step: {key: number}}`` from the run's ``metrics.jsonl`` (every field of every report; the console shows
+    only a short line), keys without their ``train/`` prefix."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["step"]: {k.removeprefix("train/"): v for k, v in row.items() if k != "step"} for row in rows}
 
 
 def summarise_steps(steps: dict[int, dict[str, float]], skip: int) -> dict:
@@ -210,7 +200,7 @@ def pretrain_launcher(out: Path, steps: int = 30, batch: int = 128, variants=PRE
             continue
         wall = round(time.perf_counter() - start, 1)
         (out / f"pretrain_{name}.log").write_text(proc.stdout + proc.stderr)
-        logged = step_numbers(proc.stdout)
+        logged = reported_metrics(run_dir)
         row = {"returncode": proc.returncode, "wall_s": wall, "compile": compiled,
                "checkpoint_activations": checkpointing}
         if logged:

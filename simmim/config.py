@@ -11,16 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from swinv2.data.config import DataConfig
-from swinv2.train.config import (
-    CheckpointConfig,
-    DeepSpeedConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    ScheduleConfig,
-    WandbConfig,
-)
+from swinv2.train.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig, WandbConfig, unmet
 
 
 @dataclass
@@ -30,6 +21,12 @@ class SimMIMConfig:
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
     norm_target_patch_size: int = 47  # 0: plain pixels as the target
+
+    def problems(self) -> list[str]:
+        return unmet((self.mask_patch_size > 0, "simmim.mask_patch_size must be positive"),
+                     (0 < self.mask_ratio < 1, "simmim.mask_ratio must be in (0, 1)"),
+                      (self.norm_target_patch_size == 0 or self.norm_target_patch_size % 2 == 1,
+                       "simmim.norm_target_patch_size must be odd (47 in the recipe) or 0 for plain pixels"))
 
 
 @dataclass
@@ -43,6 +40,10 @@ class PretrainEvalConfig:
     every_steps: int = 0
     num_images: int = 8
 
+    def problems(self) -> list[str]:
+        return unmet((self.every_steps >= 0 and self.num_images >= 0,
+                       "eval.every_steps and eval.num_images must be non-negative"))
+
 
 @dataclass
 class ProbeConfig:
@@ -54,47 +55,33 @@ class ProbeConfig:
     k: int = 20
     temperature: float = 0.07
 
+    def problems(self) -> list[str]:
+        return unmet((bool(self.train_urls) == bool(self.eval_urls), "probe.train_urls and probe.eval_urls go "
+                       "together: set both (labelled shards) or neither"),
+                      (self.k > 0 and self.temperature > 0, "probe.k and probe.temperature must be positive"))
+
 
 @dataclass
-class PretrainConfig:
-    """Everything ``launch/pretrain.py`` needs (SimMIM pretraining)."""
+class PretrainConfig(TrainConfig):
+    """Everything ``launch/pretrain.py`` needs (SimMIM pretraining): the shared sections with SimMIM's defaults, plus
+    masking, held-out monitors and the kNN probe."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="swinv2_base_window12_192", img_size=192))
-    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, lr_batch_reference=512, weight_decay=0.05, clip_grad=5.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         epochs=800, warmup_epochs=10, kind="multistep", milestones=[700.0], gamma=0.1))
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(project="swinv2-simmim"))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/simmim"))
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
     eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
 
     def problems(self) -> list[str]:
-        """SimMIM's own cross-field checks, one sentence each (``swinv2.train.config.load_config`` runs them after
-        the shared ones)."""
-        out = []
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                out.append(message)
-
-        size, sm = self.model.img_size, self.simmim
+        """The shared problems and the sections' own, then SimMIM's checks across sections."""
+        size, patch = self.model.img_size, self.simmim.mask_patch_size
         # The decoder undoes the encoder's stride of 32; masks cover whole mask patches.
-        need(size % 32 == 0 and size % sm.mask_patch_size == 0,
-             f"model.img_size={size} must be a multiple of 32 and of simmim.mask_patch_size={sm.mask_patch_size} "
-             "for SimMIM (e.g. 192)")
-        need(0 < sm.mask_ratio < 1, "simmim.mask_ratio must be in (0, 1)")
-        need(sm.norm_target_patch_size == 0 or sm.norm_target_patch_size % 2 == 1,
-             "simmim.norm_target_patch_size must be odd (47 in the recipe) or 0 for plain pixels")
-        pr = self.probe
-        need(bool(pr.train_urls) == bool(pr.eval_urls), "probe.train_urls and probe.eval_urls go together: set both "
-             "(labelled shards) or neither")
-        need(pr.k > 0 and pr.temperature > 0, "probe.k and probe.temperature must be positive")
-        need(self.eval.every_steps >= 0 and self.eval.num_images >= 0,
-             "eval.every_steps and eval.num_images must be non-negative")
-        return out
+        return super().problems() + unmet(
+            (patch <= 0 or (size % 32 == 0 and size % patch == 0),  # patch <= 0: the section's own problem
+             f"model.img_size={size} must be a multiple of 32 and of simmim.mask_patch_size={patch} for SimMIM "
+             "(e.g. 192)"))

@@ -20,6 +20,7 @@ from swinv2.data import build_loader
 from swinv2.train.knn import knn_probe
 from swinv2.train.tracking import Tracker
 
+from .config import PretrainConfig
 from .heldout import HeldOutTransform, heldout_loss
 from .masking import MaskGenerator
 from .model import SimMIM
@@ -39,7 +40,7 @@ def gathered(params: list[torch.nn.Parameter]) -> Any:
 class PretrainMonitors:
     """The held-out loss (when ``data.eval_urls`` is set) and the kNN probe (when ``probe.*_urls`` are set)."""
 
-    def __init__(self, cfg: Any, mask_generator: MaskGenerator, rank: int, world: int):
+    def __init__(self, cfg: PretrainConfig, mask_generator: MaskGenerator, rank: int, world: int):
         self.cfg, self.mask_generator = cfg, mask_generator
         data, size = cfg.data, cfg.model.img_size
         self.heldout = (build_loader(data, "heldout", HeldOutTransform(size), rank, world, img_size=size)

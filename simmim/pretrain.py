@@ -27,16 +27,7 @@ from .visualize import reconstruction_grid
 
 def build_simmim(cfg: PretrainConfig) -> SimMIM:
     """The SimMIM model of the config (encoder built as ``cfg.model`` says, no classification head)."""
-    m = cfg.model
-    options: dict[str, Any] = dict(
-        num_classes=0, img_size=m.img_size, drop_path_rate=m.drop_path_rate,
-        checkpoint_activations=m.checkpoint_activations, attn_chunk_size=m.attn_chunk_size or None,
-    )
-    for key in ("window_size", "pretrained_window_sizes", "extra_norm_every", "embed_dim", "depths", "num_heads"):
-        value = getattr(m, key)
-        if value is not None:
-            options[key] = list(value) if isinstance(value, (list, tuple)) else value
-    encoder = swinv2.create_model(m.name, **options)
+    encoder = swinv2.create_model(cfg.model.name, num_classes=0, **cfg.model.create_kwargs())
     return SimMIM(encoder, norm_target_patch_size=cfg.simmim.norm_target_patch_size or None)
 
 

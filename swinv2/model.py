@@ -200,6 +200,19 @@ def _per_stage(value, num_stages: int, name: str) -> list:
     return value
 
 
+def _checked_size(version: str, img_size: int | Sequence[int], patch_size: int, depths: Sequence[int],
+                  num_heads: Sequence[int]) -> Size2:
+    """``img_size`` as (H, W), after the checks a user's arguments can fail (one sentence each)."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if len(depths) != len(num_heads):
+        raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
+    size = to_2tuple(img_size)
+    if size[0] % patch_size or size[1] % patch_size:
+        raise ValueError(f"img_size {size} is not a multiple of the patch size {patch_size}: choose one that is")
+    return size
+
+
 class SwinTransformer(nn.Module):
     """Swin Transformer, ``version="v1"`` (arXiv 2103.14030) or ``"v2"`` (arXiv 2111.09883).
 
@@ -238,15 +251,7 @@ class SwinTransformer(nn.Module):
         cpu_kernels: bool = False,
     ):
         super().__init__()
-        if version not in VERSIONS:
-            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
-        img_size = to_2tuple(img_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(
-                f"img_size {img_size} is not a multiple of the patch size {patch_size}: choose one that is"
-            )
+        img_size = _checked_size(version, img_size, patch_size, depths, num_heads)
         num_stages = len(depths)
         self.version, self.img_size, self.patch_size = version, img_size, patch_size
         self.num_classes, self.embed_dim, self.depths = num_classes, embed_dim, tuple(depths)
@@ -266,30 +271,18 @@ class SwinTransformer(nn.Module):
         pretrained = [to_2tuple(w) if w else None for w in pretrained_per_stage]
         total = sum(depths)
         drop_path = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear stochastic-depth rule
+        block_options = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                             fused_attn=fused_attn, attn_chunk_size=attn_chunk_size, cpu_kernels=cpu_kernels)
         self.stage_windows: list[Size2] = []
         layers, size, dim = [], self.patch_grid, embed_dim
         for i, depth in enumerate(depths):
             window, half_shift = clip_window(size, windows[i], (windows[i][0] // 2, windows[i][1] // 2))
             self.stage_windows.append(window)
             blocks = [
-                SwinBlock(
-                    version,
-                    dim,
-                    num_heads[i],
-                    window,
-                    (0, 0) if j % 2 == 0 else half_shift,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=drop_path[sum(depths[:i]) + j],
-                    pretrained_window=pretrained[i],
-                    extra_norm=bool(extra_norm_every) and (j + 1) % extra_norm_every == 0,
-                    fused_attn=fused_attn,
-                    attn_chunk_size=attn_chunk_size,
-                    cpu_kernels=cpu_kernels,
-                    feature_size=size,
-                )
+                SwinBlock(version, dim, num_heads[i], window, (0, 0) if j % 2 == 0 else half_shift,
+                          drop_path=drop_path[sum(depths[:i]) + j], pretrained_window=pretrained[i],
+                          extra_norm=bool(extra_norm_every) and (j + 1) % extra_norm_every == 0, feature_size=size,
+                          **block_options)
                 for j in range(depth)
             ]
             last = i == num_stages - 1
@@ -304,11 +297,9 @@ class SwinTransformer(nn.Module):
 
         self.apply(self._init_weights)
         if version == "v2":  # each block starts as the identity (res-post-norm, authors' init)
-            for stage in self.layers:
-                for block in stage.blocks:
-                    for norm in (block.norm1, block.norm2):
-                        nn.init.zeros_(norm.weight)
-                        nn.init.zeros_(norm.bias)
+            for norm in (n for stage in self.layers for b in stage.blocks for n in (b.norm1, b.norm2)):
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
         self.set_checkpoint_activations(checkpoint_activations)
 
     @staticmethod

@@ -10,7 +10,7 @@ that caused it.
   ``torch.cuda.synchronize()`` around every micro batch; the bf16 overflow check; gradient clipping, whose
   non-finite-norm test reads the norm), no sync at all.
 - With the configs' settings (clipping at 5.0, the overflow check on), every sync comes from DeepSpeed's files,
-  none from this repository (README, "Syncs").
+  none from this repository (docs/pretraining.md, Syncs).
 """
 
 from __future__ import annotations

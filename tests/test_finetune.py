@@ -106,7 +106,7 @@ def test_layer_decay_of_the_fine_tune_optimizer_follows_the_spec_formula():
     depths, decay = (2, 2, 6, 2), 0.75
     num_layers = sum(depths) + 2
 
-    def spec_layer(name: str) -> int:  # the layer-decay rule (README, Fine-tuning), written out by name
+    def spec_layer(name: str) -> int:  # the layer-decay rule (docs/finetuning.md), written out by name
         parts = name.split(".")
         if parts[0] == "patch_embed":
             return 0

@@ -2,6 +2,7 @@
 minutes measuring rather than finding a typo; their numbers are checked where the CPU can check them."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,12 @@ def test_pretrain_launcher_part_runs_on_the_cpu(tmp_path):
         log = (tmp_path / f"pretrain_{name}.log").read_text()
         assert row["returncode"] == 0, log[-3000:]
         assert row["steps_logged"] == steps and row["steps_summarised"] == steps - 1
-        # The medians are those of the run's own console lines (steps 2..4), read back independently here.
-        lines = [line.split() for line in log.splitlines() if line.startswith("step ") and "/" in line.split()[1]]
-        speeds = sorted(float(t[t.index("images_per_s") + 1]) for t in lines[1:])
+        # The medians are those of the run's own reports (steps 2..4) in its metrics.jsonl, read back independently
+        # here (the console shows a short line of each report; the file has every field).
+        reports = [json.loads(t) for t in (tmp_path / f"pretrain_{name}" / "metrics.jsonl").read_text().splitlines()]
+        speeds = sorted(r["train/images_per_s"] for r in reports[1:])
         assert row["images_per_s"] == pytest.approx(speeds[len(speeds) // 2]) and row["images_per_s"] > 0
-        assert row["peak_memory_mb"] == max(float(t[t.index("peak_memory_mb") + 1]) for t in lines)
+        assert row["peak_memory_mb"] == max(r["train/peak_memory_mb"] for r in reports)
         assert 0 < row["loss"] < 10 and row["first_step"]["lr"] >= 0
         assert not (tmp_path / f"pretrain_{name}" / "checkpoints").exists()  # the part removes its checkpoints
     assert rows["compile_true_ckpt_false"]["compile"] and rows["compile_false_ckpt_true"]["checkpoint_activations"]

@@ -1,11 +1,10 @@
-"""TFLOP/s, MFU and the step time split in the console and in wandb; the profiler trace of ``run.profile_steps``;
-the peak table and the measured CPU peak (:mod:`swinv2.train.throughput`)."""
+"""TFLOP/s, MFU and the step time split in wandb and ``metrics.jsonl``, the short console line; the profiler trace of
+``run.profile_steps``; the peak table and the measured CPU peak (:mod:`swinv2.train.throughput`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -16,14 +15,19 @@ from simmim.config import PretrainConfig
 from simmim.masking import MaskGenerator
 from simmim.pretrain import build_simmim
 from swinv2.train.config import load_config
+from swinv2.train.console import WIDTH
 from swinv2.train.throughput import PhaseTimer, device_peak, step_flops, table_peak_tflops
 
 SPLIT = ("train/time_data_s", "train/time_fwd_bwd_s", "train/time_optimizer_s", "train/time_checkpoint_s")
+# What every report holds besides the split (the console shows the first few and the non-zero counters).
+ALL_FIELDS = ("loss", "lr", "grad_norm", "images_per_s", "tflops", "mfu_pct", "step_time_s", "peak_memory_mb", "epoch",
+              "skipped_samples", "skipped_steps", "nonfinite_steps", "nonfinite_skipped", "rollbacks", "eta_min")
 PEAK = 0.05  # TFLOP/s, given as run.peak_tflops
 
 
 @pytest.mark.slow
 def test_reports_show_tflops_mfu_and_time_split_and_the_profiler_traces_its_steps(tmp_path):
+    # Also the report's three outlets: every field to wandb and metrics.jsonl, a short line of them to the console.
     out = tmp_path / "run"
     result = run(pretrain_cmd(out, "run.max_steps=4", "run.log_every=2", "checkpoint.every_steps=2",
                               "wandb.mode=offline", "run.profile_steps=[2,3]", f"run.peak_tflops={PEAK}"))
@@ -55,9 +59,20 @@ def test_reports_show_tflops_mfu_and_time_split_and_the_profiler_traces_its_step
         assert all(s >= 0 for s in split) and row["train/time_fwd_bwd_s"] > 0, row
         assert sum(split) <= seconds  # disjoint parts of the steps' wall time
         line = next(t for t in result.stdout.splitlines() if t.startswith(f"step {step}/"))
-        for key in ("train/tflops", "train/mfu_pct", *SPLIT):
-            shown = re.search(rf" {key.split('/')[1]} (\S+)", line)
-            assert shown and float(shown[1]) == pytest.approx(row[key], rel=1e-3), (key, line)
+        assert f" mfu {row['train/mfu_pct']:.3g}% " in line and "tflops" not in line, line  # the short set only
+
+    # metrics.jsonl: one object per report (steps 2 and 4), every field, the same values as wandb's.
+    reports = [json.loads(t) for t in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in reports] == [2, 4]
+    for report in reports:
+        row = history[report["step"]]
+        fields = {k: v for k, v in report.items() if k != "step"}
+        assert set(fields) == {f"train/{k}" for k in ALL_FIELDS} | set(SPLIT), fields
+        assert fields == {k: row[k] for k in fields}, (fields, row)
+    # Every console line of a report is short; its counters are left out while they are 0.
+    shown = [t for t in result.stdout.splitlines() if t.startswith("step ")]
+    assert len(shown) == 2 and all(len(t) <= WIDTH for t in shown), shown
+    assert all(t.split()[2:12:2] == ["loss", "lr", "grad", "img/s", "mfu"] and "skipped" not in t for t in shown)
     # Step 2's checkpoint is written after its report, so the report of step 4 holds it (and step 2's none).
     assert history[2]["train/time_checkpoint_s"] == 0 and history[4]["train/time_checkpoint_s"] > 0
 

@@ -57,7 +57,8 @@ def test_no_host_read_between_sync_steps_and_sigterm_stops_at_the_next_sync_step
     between = [r for r in ours if r["phase"][0] == "after" and r["phase"][1] not in sync_steps]
     assert not between, between  # reporting, checkpointing and fetching the next batch: only after sync steps
     # The instrument catches the loop's reads: the agreement of the ranks is read at every sync step.
-    agreed = {r["phase"][1] for r in ours if r["where"].startswith("swinv2/train/loop.py") and r["method"] == "tolist"}
+    agreed = {r["phase"][1] for r in ours
+              if r["where"].startswith("swinv2/train/nonfinite.py") and r["method"] == "tolist"}
     assert agreed == sync_steps
     # For the record: DeepSpeed's own reads inside a step (fp32 ZeRO-1 on the CPU checks the gradient norm with
     # bool() and torch's non-fused AdamW reads its step count with item(); see README, "Syncs").

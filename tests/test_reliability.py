@@ -231,7 +231,7 @@ def test_sigterm_through_the_deepspeed_launcher_checkpoints_although_wandb_dies(
     assert CheckpointManager(out / "checkpoints", 2, 0).complete_tags() == [f"step{stopped[0]:08d}"]
     assert complete_json(out, stopped[0])["world_size"] == world
     # DeepSpeed's launch exits 1 after forwarding a SIGTERM whatever its ranks return; signalled directly, the ranks
-    # exit 0 and so do launch and the runner (README, Reliability).
+    # exit 0 and so do launch and the runner (docs/reliability.md).
     assert proc.returncode == (1 if target == "launch" else 0), text[-4000:]
 
 

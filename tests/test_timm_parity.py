@@ -3,7 +3,7 @@
 Weights are randomised with sharp attention (logit scales up to the clamp), which makes float32 itself
 uncertain at ~1e-5 for both libraries; so parity is asserted in float64 (tight) and float32 (loose).
 Sizes are chosen so that no stage needs padding: timm pads after the cyclic shift, which changes the shift mask
-there (README, Decisions worth knowing), so padded inputs are compared against our float64 reference in
+there (docs/models.md, Decisions worth knowing), so padded inputs are compared against our float64 reference in
 test_attention instead.
 """
 

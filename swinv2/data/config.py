@@ -9,8 +9,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "random")
 ERASE_MODES = ("const", "rand", "pixel")
-IMG_SIZE_MOVED = ("data.img_size is no longer an option: the images are cropped to the model's input size, so set "
-                  "model.img_size instead (or pass img_size= to swinv2.data.build_loader).")
 
 
 @dataclass
@@ -115,8 +113,6 @@ class DataConfig:
             raise TypeError(f"expected a DataConfig or a mapping of its fields, got {type(cfg).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
-        if "img_size" in unknown:
-            raise ValueError(IMG_SIZE_MOVED)
         if unknown:
             raise ValueError(f"data.{unknown[0]} is not a data option; the options are: {', '.join(sorted(known))}.")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

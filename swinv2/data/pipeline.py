@@ -31,7 +31,7 @@ import os
 import random
 import signal
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from typing import Any, Literal
 
@@ -304,14 +304,9 @@ class ShardLoader:
         self.epoch_skipped += skipped
         self.skipped += skipped
 
-    def stats(self) -> dict[str, int]:
-        """Counters for logging."""
-        return {"epoch": self.epoch, "samples": self.num_samples, "skipped": self.epoch_skipped,
-                "skipped_total": self.skipped}
 
-
-def build_loader(cfg: Any, kind: Kind = "train", transform: Callable | None = None, rank: int | None = None,
-                 world_size: int | None = None, urls: str | list[str] | None = None, *,
+def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", transform: Callable | None = None,
+                 rank: int | None = None, world_size: int | None = None, urls: str | list[str] | None = None, *,
                  img_size: int) -> ShardLoader:
     """Build the loader for ``kind``: ``"pretrain"`` (SimMIM), ``"train"`` (fine-tuning), ``"eval"`` or
     ``"heldout"`` (unlabelled, every sample once, e.g. SimMIM's held-out loss; needs a transform).

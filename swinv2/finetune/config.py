@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..data.config import DataConfig
 from ..train.config import (
-    CheckpointConfig,
     ConfigError,
-    DeepSpeedConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
+    TrainConfig,
     WandbConfig,
     load_config,
+    unmet,
 )
+
+MIXUP_MODES = ("batch", "pair", "elem")
 
 
 @dataclass
@@ -41,6 +43,14 @@ class ClassifierConfig(ModelConfig):
     pretrained_window_sizes: list[int] | None = field(default_factory=lambda: [12, 12, 12, 6])
     num_classes: int = 1000
 
+    def problems(self) -> list[str]:
+        return super().problems() + unmet(
+            (self.num_classes > 0, "model.num_classes must be positive (the classifier's class count)"))
+
+    def create_kwargs(self, training: bool = True) -> dict[str, Any]:
+        """The encoder's ``create_model`` arguments with the classifier's ``num_classes`` first."""
+        return {"num_classes": self.num_classes, **super().create_kwargs(training)}
+
 
 @dataclass
 class MixupConfig:
@@ -53,6 +63,17 @@ class MixupConfig:
     mode: str = "batch"  # "batch", "pair" or "elem" (timm)
     label_smoothing: float = 0.1  # also used without Mixup (LabelSmoothingCrossEntropy)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether batches are mixed at all."""
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def problems(self) -> list[str]:
+        return unmet((self.mode in MIXUP_MODES, f"mixup.mode must be one of {', '.join(MIXUP_MODES)}"),
+                     (0 <= self.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)"),
+                     (0 <= self.prob <= 1 and 0 <= self.switch_prob <= 1,
+                      "mixup.prob and mixup.switch_prob must be probabilities in [0, 1]"))
+
 
 @dataclass
 class EmaConfig:
@@ -62,6 +83,9 @@ class EmaConfig:
     decay: float = 0.9998
     warmup: bool = False  # ramp the decay up as 1 - (1 + step)^(-2/3): useful for short runs
 
+    def problems(self) -> list[str]:
+        return unmet((0 < self.decay < 1, "ema.decay must be in (0, 1)"))
+
 
 @dataclass
 class EvalConfig:
@@ -69,61 +93,39 @@ class EvalConfig:
 
     every_epochs: int = 1  # 0: only at the end
 
+    def problems(self) -> list[str]:
+        return unmet((self.every_epochs >= 0, "eval.every_epochs must be 0 (only at the end) or positive"))
+
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainConfig):
     """Everything ``launch/finetune.py`` needs. ``pretrained``: a pretraining run directory or DeepSpeed
     checkpoint, or a weights file (ours, the authors' SimMIM or classification checkpoint, timm's); empty
     (``pretrained=``) trains from scratch. The images are cropped to ``model.img_size``."""
 
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7, layer_decay=0.75)
     )
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(epochs=100, warmup_epochs=20, kind="cosine", milestones=[])
     )
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(project="swinv2-finetune"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune"))
     mixup: MixupConfig = field(default_factory=MixupConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(project="swinv2-finetune"))
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune"))
     pretrained: str | None = ""  # "" or null (``pretrained=`` on a command line): from scratch
-    resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
 
     def problems(self) -> list[str]:
-        """Fine-tuning's own cross-field checks, one sentence each (``swinv2.train.config.load_config`` runs them
-        after the shared ones)."""
-        out = []
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                out.append(message)
-
-        need(self.model.num_classes > 0, "model.num_classes must be positive (the classifier's class count)")
-        need(self.mixup.mode in MIXUP_MODES, f"mixup.mode must be one of {', '.join(MIXUP_MODES)}")
-        need(0 <= self.mixup.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)")
-        need(0 <= self.mixup.prob <= 1 and 0 <= self.mixup.switch_prob <= 1, "mixup.prob and mixup.switch_prob must be "
-             "probabilities in [0, 1]")
-        need(not mixup_enabled(self) or self.data.batch_size % 2 == 0,
+        """The shared problems and the sections' own, then fine-tuning's checks across sections."""
+        return super().problems() + unmet(
+            (not self.mixup.enabled or self.data.batch_size % 2 == 0,
              "data.batch_size must be even with Mixup/CutMix (timm mixes each batch with its flipped self): change it "
-             "or set mixup.mixup_alpha=0 mixup.cutmix_alpha=0")
-        need(not self.ema.enabled or self.deepspeed.zero_stage < 3,
+             "or set mixup.mixup_alpha=0 mixup.cutmix_alpha=0"),
+            (not self.ema.enabled or self.deepspeed.zero_stage < 3,
              "ema.enabled needs whole weights on every rank but deepspeed.zero_stage=3 shards them: use zero_stage 1 "
-             "or 2, or set ema.enabled=false")
-        need(0 < self.ema.decay < 1, "ema.decay must be in (0, 1)")
-        need(self.eval.every_epochs >= 0, "eval.every_epochs must be 0 (only at the end) or positive")
-        return out
-
-
-MIXUP_MODES = ("batch", "pair", "elem")
-
-
-def mixup_enabled(cfg: FinetuneConfig) -> bool:
-    return cfg.mixup.prob > 0 and (cfg.mixup.mixup_alpha > 0 or cfg.mixup.cutmix_alpha > 0)
+             "or 2, or set ema.enabled=false"))
 
 
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:

@@ -22,8 +22,9 @@ from ..flops import ImageFlops, image_flops
 from ..train.checkpoint_manager import CheckpointManager
 from ..train.loop import LoopEnd
 from ..train.run import TrainingRun, start_run
+from ..train.tracking import Tracker
 from .best_weights import BestKeeper, EmaCheckpointManager, full_state_dict
-from .config import FinetuneConfig, mixup_enabled
+from .config import FinetuneConfig
 from .evaluation import evaluate
 from .weights import build_classifier, check_exists, load_pretrained, model_spec, write_model_json
 
@@ -39,7 +40,7 @@ class FinetuneResult:
 
 def build_mixup(cfg: FinetuneConfig) -> Any:
     """timm's Mixup/CutMix (soft targets with label smoothing folded in), or ``None`` when it is off."""
-    if not mixup_enabled(cfg):
+    if not cfg.mixup.enabled:
         return None
     from timm.data import Mixup
 
@@ -52,7 +53,7 @@ def build_criterion(cfg: FinetuneConfig) -> nn.Module:
     """Soft-target cross-entropy after Mixup; label-smoothing (or plain) cross-entropy without it."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if mixup_enabled(cfg):
+    if cfg.mixup.enabled:
         return SoftTargetCrossEntropy()
     if cfg.mixup.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=cfg.mixup.label_smoothing)
@@ -118,26 +119,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             ema.update(engine.module, step=step)
 
     def run_eval(epoch: float, step: int) -> None:
-        metrics = evaluate(engine.module, eval_loader, engine.device, dtype, lockstep=zero3)
-        entry = {"epoch": epoch, "step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
-        offers = [("model", metrics, lambda: full_state_dict(engine.module))]
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, eval_loader, engine.device, torch.float32)
-            entry.update({f"eval_ema/{k}": v for k, v in ema_metrics.items()})
-            offers.append(("ema", ema_metrics, lambda: full_state_dict(ema.module)))
-        for which, m, weights in sorted(offers, key=lambda o: -o[1]["top1"]):  # the better of the two first
-            if keeper.offer(m["top1"], weights, {"weights": which, "epoch": epoch, "step": step, "top5": m["top5"],
-                                                 "loss": m["loss"], "count": m["count"]}):
-                break
-        entry["eval/best_top1"] = keeper.best_top1
-        keeper.record(entry)
         last.clear()
-        last.update(entry)
-        tracker.send({k: v for k, v in entry.items() if "/" in k}, step)
-        ema_text = f", EMA top-1 {entry['eval_ema/top1']:.2f}" if ema is not None else ""
-        tracker.print(f"eval epoch {epoch:g} step {step}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
-                      f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['images_per_s']:.0f}/s)"
-                      f"{ema_text}; best top-1 {keeper.best_top1:.2f}")
+        last.update(evaluate_and_keep(engine, ema, eval_loader, dtype, keeper, tracker, zero3, epoch, step))
 
     def on_epoch_end(data_epoch: int, step: int) -> None:
         every = cfg.eval.every_epochs
@@ -151,6 +134,30 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                   f"{out / 'best.safetensors'}; checkpoints in {run.checkpoints.dir}")
     tracker.finish()
     return FinetuneResult(end, dict(last) or None, keeper.best)
+
+
+def evaluate_and_keep(engine: Any, ema: Any, loader: Any, dtype: torch.dtype, keeper: BestKeeper, tracker: Tracker,
+                      lockstep: bool, epoch: float, step: int) -> dict[str, Any]:
+    """Evaluate the model (and its EMA), offer the better of the two to ``keeper``, log and return the entry."""
+    metrics = evaluate(engine.module, loader, engine.device, dtype, lockstep=lockstep)
+    entry = {"epoch": epoch, "step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
+    offers = [("model", metrics, lambda: full_state_dict(engine.module))]
+    if ema is not None:
+        ema_metrics = evaluate(ema.module, loader, engine.device, torch.float32)
+        entry.update({f"eval_ema/{k}": v for k, v in ema_metrics.items()})
+        offers.append(("ema", ema_metrics, lambda: full_state_dict(ema.module)))
+    for which, m, weights in sorted(offers, key=lambda o: -o[1]["top1"]):  # the better of the two first
+        if keeper.offer(m["top1"], weights, {"weights": which, "epoch": epoch, "step": step, "top5": m["top5"],
+                                             "loss": m["loss"], "count": m["count"]}):
+            break
+    entry["eval/best_top1"] = keeper.best_top1
+    keeper.record(entry)
+    tracker.send({k: v for k, v in entry.items() if "/" in k}, step)
+    ema_text = f", EMA top-1 {entry['eval_ema/top1']:.2f}" if ema is not None else ""
+    tracker.print(f"eval epoch {epoch:g} step {step}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
+                  f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['images_per_s']:.0f}/s)"
+                  f"{ema_text}; best top-1 {keeper.best_top1:.2f}")
+    return entry
 
 
 def classifier_flops(cfg: FinetuneConfig) -> ImageFlops:

@@ -20,30 +20,20 @@ import swinv2
 
 from ..files import write_text_atomic
 from ..train.consolidate import consolidated_state_dict
+from .config import ClassifierConfig
 
 MODEL_JSON = "model.json"
-# Options that shape the weights or the forward pass; training-only ones (drop path, activation checkpointing,
-# attention chunking) are left out so the file describes the model for inference and export.
-_MODEL_JSON_KEYS = ("num_classes", "img_size", "window_size", "pretrained_window_sizes", "embed_dim", "depths",
-              "num_heads", "extra_norm_every")
 
 
-def model_spec(m: Any) -> dict:
-    """``{"name", "options"}`` for ``swinv2.create_model`` from a model config section (``ClassifierConfig``)."""
-    options = {}
-    for key in _MODEL_JSON_KEYS:
-        value = getattr(m, key, None)
-        if value is not None:
-            options[key] = list(value) if isinstance(value, (list, tuple)) else value
-    return {"name": m.name, "options": options}
+def model_spec(m: ClassifierConfig) -> dict:
+    """``{"name", "options"}`` for ``swinv2.create_model`` from a model config section. Only the options that shape
+    the weights or the forward pass: the file describes the model for inference and export."""
+    return {"name": m.name, "options": m.create_kwargs(training=False)}
 
 
-def build_classifier(m: Any) -> nn.Module:
+def build_classifier(m: ClassifierConfig) -> nn.Module:
     """The classifier a fine-tuning config describes, with its training-only options."""
-    spec = model_spec(m)
-    training = dict(drop_path_rate=m.drop_path_rate, checkpoint_activations=m.checkpoint_activations,
-                    attn_chunk_size=m.attn_chunk_size or None)
-    return swinv2.create_model(spec["name"], **spec["options"], **training)
+    return swinv2.create_model(m.name, **m.create_kwargs())
 
 
 def write_model_json(spec: dict, folder: str | os.PathLike) -> Path:

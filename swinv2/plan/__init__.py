@@ -2,5 +2,5 @@
 
 Activations are counted by running the real model forward on fake (meta) tensors, model states follow
 DeepSpeed's ZeRO partitioning rules, and the step time comes from the exact FLOP count (:mod:`swinv2.flops`).
-``python launch/plan.py --config CONFIG`` prints it; see the README section "Will it fit? launch/plan.py".
+``python launch/plan.py --config CONFIG`` prints it; see docs/planner.md.
 """

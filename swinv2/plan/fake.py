@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..train.config import DTYPES
+from ..finetune.config import FinetuneConfig
+from ..train.config import DTYPES, TrainConfig
 
 
 def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -49,7 +49,7 @@ class Recipe:
     img_size: int
 
 
-def classifier_recipe(cfg: Any) -> Recipe:
+def classifier_recipe(cfg: FinetuneConfig) -> Recipe:
     """A fine-tuning config's classifier, cast as DeepSpeed casts it, and its soft-target (Mixup) loss."""
     from timm.loss import SoftTargetCrossEntropy
 
@@ -66,6 +66,7 @@ def classifier_recipe(cfg: Any) -> Recipe:
     return Recipe(lambda: cast_params(build_classifier(cfg.model), dtype), loss, size)
 
 
-def is_pretraining(cfg: Any) -> bool:
-    """SimMIM pretraining configs have a ``simmim`` section; fine-tuning configs do not."""
+def is_pretraining(cfg: TrainConfig) -> bool:
+    """SimMIM pretraining configs have a ``simmim`` section; fine-tuning configs do not (swinv2 cannot import
+    simmim's config class to ask ``isinstance``)."""
     return hasattr(cfg, "simmim")

@@ -3,7 +3,7 @@
 
 For each: the memory per rank at micro batch 1 with the paper's three techniques (ZeRO-1, activation checkpointing,
 sequential attention in chunks of 16 windows), what it takes without each one, the lightest combination that fits
-and the largest micro batch it allows. ``python launch/plan.py --paper-table`` prints it (README table).
+and the largest micro batch it allows. ``python launch/plan.py --paper-table`` prints it (docs/planner.md).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from ..finetune.config import FinetuneConfig
 from ..flops import fake_cuda
-from ..train.config import load_config
+from ..train.config import TrainConfig, load_config
 from .gpus import GIB, GPUS
 from .measure import measure
 from .planner import Cluster, make_plan
@@ -30,7 +30,7 @@ GPU_NAMES = ("a100-40gb", "a100-80gb")
 LADDER = ((0, False, 0), (1, False, 0), (1, True, 0), (1, True, CHUNK), (2, True, CHUNK), (3, True, CHUNK))
 
 
-def task_config(pretrain_schema: type, size: str, img: int, window: int) -> Any:
+def task_config(pretrain_schema: type[TrainConfig], size: str, img: int, window: int) -> TrainConfig:
     """The config of one table cell (pretraining at 192 with ``pretrain_schema``, e.g. ``simmim.config.PretrainConfig``,
     else a 1000-class fine-tune from 192/w12)."""
     name = [f"model.name=swinv2_{size}_window12_192", f"model.img_size={img}"]
@@ -47,7 +47,7 @@ def name(stage: int, ckpt: bool, chunk: int) -> str:
     return " + ".join(parts) or "none"
 
 
-def row_plans(cfg: Any, recipe_for: Callable) -> dict[tuple, Any]:
+def row_plans(cfg: TrainConfig, recipe_for: Callable) -> dict[tuple, Any]:
     """Plans at micro batch 1 keyed by ``(gpu, zero_stage, checkpointing, chunk)`` for the settings in the table."""
     measured, plans = {}, {}
     for stage, ckpt, chunk in {*LADDER, (0, True, CHUNK), (1, False, CHUNK)}:
@@ -75,7 +75,7 @@ def lightest(plans: dict[tuple, Any], gpu: str) -> str:
 
 def paper_table(pretrain_schema: type, pretrain_recipe: Callable, finetune_recipe: Callable, sizes=SIZES,
                 tasks=TASKS) -> str:
-    """The README's markdown table (GiB per rank at micro batch 1, bf16, 64 GPUs). The pretraining rows use
+    """The markdown table of docs/planner.md (GiB per rank at micro batch 1, bf16, 64 GPUs). The pretraining rows use
     ``pretrain_schema`` and ``pretrain_recipe`` (SimMIM's, from :mod:`simmim`, which builds on swinv2)."""
     rows = ["| model | task | params | all three | without ZeRO-1 | without ckpt | without seq. attn | "
             "A100-40GB: lightest that fits (max micro batch) | A100-80GB: lightest that fits (max micro batch) |",

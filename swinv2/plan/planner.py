@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..train.config import TrainConfig
 from ..train.engine import accumulation_steps
 from .gpus import CUDA_CONTEXT_BYTES, DEFAULT_MFU, FRAGMENTATION, INTER_NODE_GBPS, INTRA_NODE_GBPS, Gpu
 from .measure import Measured
@@ -97,7 +98,7 @@ def largest_micro_batch(states: ModelStates, measured: Measured, comm: int, memo
     return lo
 
 
-def step_time(cfg: Any, measured: Measured, cluster: Cluster, micro_batch: int, accumulation: int
+def step_time(cfg: TrainConfig, measured: Measured, cluster: Cluster, micro_batch: int, accumulation: int
               ) -> tuple[float, float]:
     """Compute and communication seconds of one optimizer step (``accumulation`` micro batches per rank)."""
     ds = cfg.deepspeed
@@ -119,7 +120,7 @@ def step_time(cfg: Any, measured: Measured, cluster: Cluster, micro_batch: int, 
     return compute, comm
 
 
-def make_plan(cfg: Any, measured: Measured, states: ModelStates, cluster: Cluster) -> Plan:
+def make_plan(cfg: TrainConfig, measured: Measured, states: ModelStates, cluster: Cluster) -> Plan:
     """The plan of ``cfg`` as configured (its micro batch, ZeRO stage, checkpointing and chunk size); a setting the
     run refuses at start (bf16 with accumulation under ZeRO-0) does not fit."""
     micro = cfg.data.batch_size

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..train.config import TrainConfig
 from .gpus import CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB
 from .planner import Cluster, Plan
 
@@ -58,7 +57,7 @@ def search_table(plans: list[Plan], best: Plan | None) -> str:
     return "\n".join(lines)
 
 
-def cannot_fit(cfg: Any, least: Plan, cluster: Cluster) -> str:
+def cannot_fit(cfg: TrainConfig, least: Plan, cluster: Cluster) -> str:
     """One sentence: what uses the memory in the least-memory setting, and what to change."""
     m = least.per_rank_bytes
     states = m["weights"] + m["gradients"] + m["optimizer"] + m["buffers"]

@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+from torch import nn
 
 from ..flops import fake_cuda
+from ..train.config import TrainConfig
 from ..train.engine import deepspeed_config
 from .fake import Recipe
 from .measure import Measured, measure
 from .planner import Cluster, Plan, make_plan
 from .states import model_states, refused
 
+T = TypeVar("T", bound=TrainConfig)
+
 CHUNK_SIZES = (0, 16, 4)  # windows attended at once (0: all), the Swin V2 paper's sequential attention (sec. 3.5)
-RecipeFor = Callable[[Any], Recipe]
+RecipeFor = Callable[[TrainConfig], Recipe]
 
 
-def with_setting(cfg: Any, **changes: Any) -> Any:
+def with_setting(cfg: T, **changes: Any) -> T:
     """A copy of ``cfg`` with ``zero_stage``, ``checkpoint_activations``, ``attn_chunk_size``, ``batch_size`` set."""
     model = {k: v for k, v in changes.items() if k in ("checkpoint_activations", "attn_chunk_size")}
     ds = {k: v for k, v in changes.items() if k == "zero_stage"}
@@ -29,7 +34,7 @@ def with_setting(cfg: Any, **changes: Any) -> Any:
                                data=dataclasses.replace(cfg.data, **data))
 
 
-def plan_config(cfg: Any, recipe_for: RecipeFor, cluster: Cluster, measured: Measured | None = None) -> Plan:
+def plan_config(cfg: TrainConfig, recipe_for: RecipeFor, cluster: Cluster, measured: Measured | None = None) -> Plan:
     """The plan of ``cfg`` as configured."""
     deepspeed_config(cfg, cluster.world)  # what the run refuses at start (ConfigError), the planner refuses too
     recipe = recipe_for(cfg)
@@ -39,7 +44,7 @@ def plan_config(cfg: Any, recipe_for: RecipeFor, cluster: Cluster, measured: Mea
     return make_plan(cfg, measured, states, cluster)
 
 
-def search(cfg: Any, recipe_for: RecipeFor, cluster: Cluster) -> list[Plan]:
+def search(cfg: TrainConfig, recipe_for: RecipeFor, cluster: Cluster) -> list[Plan]:
     """Every ZeRO stage x checkpointing x chunk size, each at its largest fitting micro batch (1 if none fits)."""
     plans = []
     for checkpointing in (False, True):
@@ -54,7 +59,7 @@ def search(cfg: Any, recipe_for: RecipeFor, cluster: Cluster) -> list[Plan]:
     return plans
 
 
-def fitting_plan(setting: Any, model: Any, measured: Measured, cluster: Cluster) -> Plan:
+def fitting_plan(setting: TrainConfig, model: nn.Module, measured: Measured, cluster: Cluster) -> Plan:
     """``setting`` at the largest micro batch that divides the global batch, runs and fits; if none fits, at the
     smallest that runs (1, or for ZeRO-0 in bf16 the one without accumulation)."""
     world, batch = cluster.world, setting.deepspeed.global_batch

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
 from ..attention import WindowAttentionV2
+from ..train.config import TrainConfig
 from ..train.engine import accumulation_steps, fp32_grad_accumulation
 from ..train.optim import param_groups
 
@@ -68,7 +68,7 @@ class ModelStates:
     reduce_transient: int = 0
 
 
-def zero_settings(cfg: Any) -> dict:
+def zero_settings(cfg: TrainConfig) -> dict:
     """DeepSpeed's resolved ZeRO settings for the config (its defaults, then the config's ``extra_json``)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -81,27 +81,27 @@ def zero_settings(cfg: Any) -> dict:
     return DeepSpeedZeroConfig(**zero).model_dump()
 
 
-def grouped_numels(model: nn.Module, cfg: Any) -> list[list[int]]:
+def grouped_numels(model: nn.Module, cfg: TrainConfig) -> list[list[int]]:
     """Element counts of the parameters in each optimizer group, in the order the engine receives them."""
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     return [[p.numel() for p in g["params"]] for g in groups if g["params"]]
 
 
-def fp32_accumulation(cfg: Any, world: int) -> bool:
+def fp32_accumulation(cfg: TrainConfig, world: int) -> bool:
     """Whether the run sums its gradients in float32 (bf16 with accumulation or ZeRO-2/3; see the module)."""
     ds = cfg.deepspeed
     return fp32_grad_accumulation(ds.precision, ds.zero_stage,
                                   accumulation_steps(ds.global_batch, cfg.data.batch_size, world))
 
 
-def uses_bf16_optimizer(cfg: Any, world: int) -> bool:
+def uses_bf16_optimizer(cfg: TrainConfig, world: int) -> bool:
     """Whether DeepSpeed 0.19 runs ``BF16_Optimizer``: ZeRO-1 summing in float32, optimizer not offloaded
     (``engine.py`` ``_do_optimizer_sanity_check``)."""
     ds = cfg.deepspeed
     return ds.zero_stage == 1 and not ds.offload_optimizer and fp32_accumulation(cfg, world)
 
 
-def refused(cfg: Any, world: int) -> bool:
+def refused(cfg: TrainConfig, world: int) -> bool:
     """bf16 with accumulation under ZeRO-0: the engine refuses it at start (DeepSpeed sums in fp32 only under ZeRO)."""
     return cfg.deepspeed.zero_stage == 0 and fp32_accumulation(cfg, world)
 
@@ -131,7 +131,7 @@ def shared_bias_extra(model: nn.Module) -> int:
     return sum(m.q_bias.numel() for m in model.modules() if isinstance(m, WindowAttentionV2) and m.q_bias is not None)
 
 
-def model_states(model: nn.Module, cfg: Any, world: int) -> ModelStates:
+def model_states(model: nn.Module, cfg: TrainConfig, world: int) -> ModelStates:
     """Weights, gradients (held after the backward pass) and optimizer states per rank for ``world`` ranks."""
     ds = cfg.deepspeed
     b = BYTES[ds.precision]
@@ -183,7 +183,7 @@ def model_states(model: nn.Module, cfg: Any, world: int) -> ModelStates:
     return ModelStates(weights, gradients, optimizer, buffers, host, kept_gradients=gradients)
 
 
-def comm_buffers(model_params: int, cfg: Any, world: int) -> int:
+def comm_buffers(model_params: int, cfg: TrainConfig, world: int) -> int:
     """DeepSpeed's transient buffers during the backward pass, from its bucket settings (bytes per rank).
 
     ZeRO-1/2 with ``contiguous_gradients``: a gradient reduction bucket of ``reduce_bucket_size`` elements in the

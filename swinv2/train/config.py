@@ -1,30 +1,37 @@
 """The training configuration: typed dataclass sections merged from YAML and ``key=value`` overrides (OmegaConf).
 
-The sections every run shares (model, optimizer, schedule, DeepSpeed, checkpoints, wandb, run) and the loader
-:func:`load_config`. The runs' schemas compose them: SimMIM pretraining's in :mod:`simmim.config`, fine-tuning's
-in :mod:`.finetune_config`; each states its recipe's defaults. Unknown keys and wrong types fail at start-up with
-the key's name.
+The sections every run shares (model, data, optimizer, schedule, DeepSpeed, checkpoints, wandb, run), their base
+:class:`TrainConfig` and the loader :func:`load_config`. The runs' schemas subclass it: SimMIM pretraining's in
+:mod:`simmim.config`, fine-tuning's in :mod:`swinv2.finetune.config`; each states its recipe's defaults. Each section
+lists its own problems (``problems()``); the config adds the checks across sections. Unknown keys and wrong types
+fail at start-up with the key's name.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data.config import IMG_SIZE_MOVED
+from ..data.config import DataConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # deepspeed.precision -> dtype
 PRECISIONS = tuple(DTYPES)
 SCHEDULES = ("multistep", "cosine")
 WANDB_MODES = ("online", "offline", "disabled")
 NONFINITE_ACTIONS = ("stop", "skip", "rollback")
+T = TypeVar("T", bound="TrainConfig")
+
+
+def unmet(*checks: tuple[bool, str]) -> list[str]:
+    """The messages of the checks that fail."""
+    return [message for ok, message in checks if not ok]
 
 
 @dataclass
@@ -44,6 +51,24 @@ class ModelConfig:
     attn_chunk_size: int = 0
     extra_norm_every: int | None = None  # None: the variant's default (6 for H and G)
 
+    def problems(self) -> list[str]:
+        """One sentence per bad option (empty when all are fine); so for every section below."""
+        return unmet((self.img_size > 0 and self.img_size % 4 == 0,
+                       f"model.img_size={self.img_size} must be a multiple of the patch size 4"))
+
+    def create_kwargs(self, training: bool = True) -> dict[str, Any]:
+        """Keyword arguments of ``swinv2.create_model(self.name, **kwargs)``. Architecture overrides left at None are
+        omitted (the named variant's apply); ``training=False`` also leaves out the training-only options (drop path,
+        activation checkpointing, attention chunking), e.g. for a ``model.json`` that describes the model."""
+        arch = dict(img_size=self.img_size, window_size=self.window_size,
+                    pretrained_window_sizes=self.pretrained_window_sizes, embed_dim=self.embed_dim, depths=self.depths,
+                    num_heads=self.num_heads, extra_norm_every=self.extra_norm_every)
+        kwargs = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items() if v is not None}
+        if training:
+            kwargs.update(drop_path_rate=self.drop_path_rate, checkpoint_activations=self.checkpoint_activations,
+                          attn_chunk_size=self.attn_chunk_size or None)  # 0 and None: unchunked
+        return kwargs
+
 
 @dataclass
 class OptimConfig:
@@ -57,7 +82,11 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     clip_grad: float = 5.0  # 0: no clipping
-    layer_decay: float = 1.0  # fine-tuning: layer-wise LR decay (README, Fine-tuning); 1.0 is off
+    layer_decay: float = 1.0  # fine-tuning: layer-wise LR decay (docs/finetuning.md); 1.0 is off
+
+    def problems(self) -> list[str]:
+        return unmet((self.base_lr > 0, "optim.base_lr must be positive"),
+                      (0 < self.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"))
 
 
 @dataclass
@@ -69,6 +98,12 @@ class ScheduleConfig:
     kind: str = "multistep"
     milestones: list[float] = field(default_factory=lambda: [700.0])  # epochs
     gamma: float = 0.1
+
+    def problems(self) -> list[str]:
+        return unmet((self.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}"),
+                      (self.epochs > 0, "schedule.epochs must be positive"),
+                      (0 <= self.warmup_epochs <= self.epochs,
+                       "schedule.warmup_epochs must be between 0 and schedule.epochs"))
 
 
 @dataclass
@@ -83,6 +118,14 @@ class DeepSpeedConfig:
     fp16_initial_scale_power: int = 16
     extra_json: str | None = None
 
+    def problems(self) -> list[str]:
+        return unmet(
+            (self.precision in PRECISIONS, f"deepspeed.precision must be one of {', '.join(PRECISIONS)}"),
+            (self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3"),
+            (self.global_batch > 0, "deepspeed.global_batch must be positive"),
+            (not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3"),
+            (not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer needs zero_stage >= 1"))
+
 
 @dataclass
 class CheckpointConfig:
@@ -90,6 +133,9 @@ class CheckpointConfig:
 
     every_steps: int = 1000
     keep_last: int = 3
+
+    def problems(self) -> list[str]:
+        return []  # any values work (the manager keeps at least the newest checkpoint)
 
 
 @dataclass
@@ -100,6 +146,9 @@ class WandbConfig:
     name: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "online"
+
+    def problems(self) -> list[str]:
+        return unmet((self.mode in WANDB_MODES, f"wandb.mode must be one of {', '.join(WANDB_MODES)}"))
 
 
 @dataclass
@@ -122,12 +171,55 @@ class RunConfig:
     # steps (0: no extra ones). Each agreement is a host-device sync; a signal waits for the next one.
     sync_every: int = 0
 
+    def problems(self) -> list[str]:
+        steps = list(self.profile_steps)
+        return unmet(
+            (self.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}"),
+            (self.max_rollbacks >= 0, "run.max_rollbacks must be non-negative"),
+            (self.sync_every >= 0, "run.sync_every must be non-negative (0: only at report and checkpoint steps)"),
+            (self.peak_tflops >= 0, "run.peak_tflops must be non-negative (0: from the GPU's name)"),
+            (not steps or (len(steps) == 2 and 0 < steps[0] <= steps[1]),
+             f"run.profile_steps={steps} must be [first, last] with 0 < first <= last (or [])"))
+
+
+@dataclass
+class TrainConfig:
+    """The sections every training run shares; :class:`simmim.config.PretrainConfig` and
+    :class:`swinv2.finetune.config.FinetuneConfig` subclass it, add their own sections and restate the defaults
+    of their recipe. OmegaConf builds the subclass's schema from all its fields, the inherited ones included."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: bool = True  # continue from the newest complete checkpoint in run.output_dir
+
+    def sections(self) -> list[Any]:
+        """Every section (a dataclass field; each has ``problems()``), the subclass's included, in field order."""
+        return [value for f in fields(self) if is_dataclass(value := getattr(self, f.name))]
+
+    def problems(self) -> list[str]:
+        """Every problem of the config, one sentence each: each section's own, then the checks across sections.
+        Subclasses extend this with their own cross-section checks."""
+        out = [problem.rstrip(".") for section in self.sections() for problem in section.problems()]
+        # fp32 without ZeRO has no overflow check, as the config shows; bf16 with its check off shows only on the
+        # built engine, so the loop refuses that one.
+        return out + unmet(
+            (not (self.run.on_nonfinite == "skip" and self.deepspeed.zero_stage == 0
+                  and self.deepspeed.precision == "fp32"),
+             "run.on_nonfinite=skip needs an optimizer that drops non-finite updates, which fp32 without ZeRO has "
+             "not: set deepspeed.zero_stage to 1 or more, or use run.on_nonfinite=rollback"))
+
 
 class ConfigError(ValueError):
     """A bad config file or override, explained in one sentence."""
 
 
-def load_config(schema: type, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Any:
+def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated; returns a schema instance."""
     try:
         cfg = OmegaConf.structured(schema)
@@ -149,72 +241,24 @@ def load_config(schema: type, path: str | os.PathLike | None = None, overrides: 
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
-        if key == "data.img_size":  # one image size, the model's
-            raise ConfigError(IMG_SIZE_MOVED) from None
         first = str(error).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {first}; fix it in the YAML file or the key=value override") from None
     except ValueError as error:  # a section's own validation (e.g. DataConfig) already names the key
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(str(error)) from None
-    check(obj)
+    problems = obj.problems()
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
     return obj
 
 
-def check(cfg: Any) -> None:
-    """Cross-field checks the types cannot express, one sentence each."""
-    problems = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    if hasattr(cfg, "deepspeed"):
-        ds = cfg.deepspeed
-        need(ds.precision in PRECISIONS, f"deepspeed.precision must be one of {', '.join(PRECISIONS)}")
-        need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
-        need(ds.global_batch > 0, "deepspeed.global_batch must be positive")
-        need(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3")
-        need(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer needs zero_stage >= 1")
-    if hasattr(cfg, "schedule"):
-        sc = cfg.schedule
-        need(sc.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
-        need(sc.epochs > 0, "schedule.epochs must be positive")
-        need(0 <= sc.warmup_epochs <= sc.epochs, "schedule.warmup_epochs must be between 0 and schedule.epochs")
-    if hasattr(cfg, "run"):
-        run = cfg.run
-        need(run.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}")
-        need(run.max_rollbacks >= 0, "run.max_rollbacks must be non-negative")
-        if hasattr(cfg, "deepspeed"):  # the loop refuses the other set-up without a check (bf16 overflow check off)
-            need(not (run.on_nonfinite == "skip" and cfg.deepspeed.zero_stage == 0
-                      and cfg.deepspeed.precision == "fp32"),
-                 "run.on_nonfinite=skip needs an optimizer that drops non-finite updates, which fp32 without ZeRO has "
-                 "not: set deepspeed.zero_stage to 1 or more, or use run.on_nonfinite=rollback")
-        need(run.sync_every >= 0, "run.sync_every must be non-negative (0: only at report and checkpoint steps)")
-        need(run.peak_tflops >= 0, "run.peak_tflops must be non-negative (0: from the GPU's name)")
-        steps = list(run.profile_steps)
-        need(not steps or (len(steps) == 2 and 0 < steps[0] <= steps[1]),
-             f"run.profile_steps={steps} must be [first, last] with 0 < first <= last (or [])")
-    if hasattr(cfg, "wandb"):
-        need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode must be one of {', '.join(WANDB_MODES)}")
-    if hasattr(cfg, "optim"):
-        need(cfg.optim.base_lr > 0, "optim.base_lr must be positive")
-        need(0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]")
-    if hasattr(cfg, "model") and isinstance(getattr(cfg.model, "img_size", None), int):
-        size = cfg.model.img_size
-        need(size > 0 and size % 4 == 0, f"model.img_size={size} must be a multiple of the patch size 4")
-    if hasattr(cfg, "problems"):  # the schema's own checks, e.g. PretrainConfig's and FinetuneConfig's
-        problems.extend(cfg.problems())
-    if problems:
-        raise ConfigError("; ".join(problems) + ".")
-
-
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: TrainConfig | DictConfig) -> str:
     """The resolved config as YAML (printed at start, saved in the output directory and in checkpoints)."""
     return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: TrainConfig | DictConfig) -> dict:
     """The resolved config as plain Python containers (for wandb and checkpoint client state)."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     return OmegaConf.to_container(node, resolve=True)

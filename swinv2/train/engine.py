@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .optim import StepSchedule, param_groups
 
 
@@ -111,7 +111,7 @@ def fp32_grad_accumulation(precision: str, zero_stage: int, accumulation: int) -
     return precision == "bf16" and (accumulation > 1 or zero_stage >= 2)
 
 
-def deepspeed_config(cfg: Any, world_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for our config (values explicit: DeepSpeed resolves no ``"auto"``).
 
     ``load_universal``: the checkpoint to resume from is in DeepSpeed's universal format (world size changed).
@@ -168,7 +168,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def build_optimizer(model: nn.Module, cfg: Any, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW over our parameter groups; DeepSpeed's CPU Adam when the optimizer state is offloaded."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(
         model, cfg.optim.weight_decay, cfg.optim.layer_decay)]
@@ -180,7 +180,7 @@ def build_optimizer(model: nn.Module, cfg: Any, lr: float) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=torch.cuda.is_available() or None)
 
 
-def scaled_lrs(cfg: Any) -> dict[str, float]:
+def scaled_lrs(cfg: TrainConfig) -> dict[str, float]:
     """Base, warmup and minimum LR scaled linearly by global batch / ``optim.lr_batch_reference``."""
     scale = cfg.deepspeed.global_batch / cfg.optim.lr_batch_reference
     return {"base_lr": cfg.optim.base_lr * scale, "warmup_lr": cfg.optim.warmup_lr * scale,
@@ -188,8 +188,9 @@ def scaled_lrs(cfg: Any) -> dict[str, float]:
 
 
 def tf32_enabled(precision: str, tf32: bool, cuda: bool) -> bool | None:
-    """Whether matmuls and cuDNN convolutions may use TF32: ``True``/``False`` for an fp32 run on CUDA
-    (``run.tf32``), ``None`` (leave PyTorch's settings alone) for bf16/fp16 runs and on the CPU, which has no TF32.
+    """The TF32 setting a run asks for: ``True``/``False`` for an fp32 run on CUDA (``run.tf32``), ``None`` (leave
+    PyTorch's settings alone) for bf16/fp16 runs and on the CPU, which has no TF32. :func:`apply_tf32` sets it;
+    :func:`tf32_matmuls_on` reads what PyTorch does now.
 
     TF32 keeps fp32's range with a 10-bit significand and runs fp32 matmuls on the tensor cores (A100: 156 against
     19.5 TFLOP/s dense); PyTorch turns it off for matmuls by default (PyTorch docs, "CUDA semantics", TensorFloat-32).
@@ -210,7 +211,14 @@ def apply_tf32(enabled: bool | None) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
-def check_compile(cfg: Any) -> None:
+def tf32_matmuls_on() -> bool:
+    """Whether fp32 matmuls on CUDA run on TF32 tensor cores now, whoever set it (``torch.backends.cuda.matmul``)."""
+    matmul = torch.backends.cuda.matmul
+    return (getattr(matmul, "fp32_precision", "none") == "tf32" or matmul.allow_tf32
+            or torch.get_float32_matmul_precision() != "highest")
+
+
+def check_compile(cfg: TrainConfig) -> None:
     """Refuse ``run.compile=true`` with ZeRO-3, before anything is built (a :class:`ConfigError`).
 
     DeepSpeed 0.19's ZeRO-3 gathers and releases each module's parameters in forward/backward hooks that are
@@ -228,7 +236,7 @@ def check_compile(cfg: Any) -> None:
             "deepspeed.zero_stage 1 or 2 with run.compile=true, or run.compile=false with ZeRO-3")
 
 
-def compile_engine(engine: Any, cfg: Any) -> None:
+def compile_engine(engine: Any) -> None:
     """``torch.compile`` the model inside ``engine`` in place (DeepSpeed's ``engine.compile()``, which calls
     ``nn.Module.compile``): ``engine.module`` stays the same module with the same ``state_dict`` keys, so checkpoints,
     consolidation and everything that calls ``engine.module`` are unchanged; its ``forward`` runs compiled (PyTorch
@@ -242,7 +250,8 @@ def compile_engine(engine: Any, cfg: Any) -> None:
     engine.compile()
 
 
-def build_engine(model: nn.Module, cfg: Any, world_size: int, steps_per_epoch: int, load_universal: bool = False):
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, steps_per_epoch: int,
+                 load_universal: bool = False) -> Any:
     """The DeepSpeed engine around ``model`` with our optimizer and per-step schedule (resumed with it), its model
     compiled when ``run.compile`` is set, TF32 on for fp32 runs on CUDA unless ``run.tf32=false``."""
     import deepspeed
@@ -264,5 +273,5 @@ def build_engine(model: nn.Module, cfg: Any, world_size: int, steps_per_epoch: i
     config = deepspeed_config(cfg, world_size, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if cfg.run.compile:
-        compile_engine(engine, cfg)
+        compile_engine(engine)
     return engine

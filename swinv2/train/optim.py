@@ -4,7 +4,6 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -95,9 +94,3 @@ class StepSchedule(torch.optim.lr_scheduler.LRScheduler):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-
-def iter_named_groups(groups: list[dict]) -> Iterator[tuple[str, dict]]:
-    """``(parameter name, its group)`` pairs, for inspection and tests."""
-    for group in groups:
-        for name in group["names"]:
-            yield name, group

@@ -15,7 +15,7 @@ from torch import nn
 from ..files import write_text_atomic
 from ..flops import ImageFlops
 from .checkpoint_manager import CheckpointManager, ResumePoint
-from .config import DTYPES, ConfigError, to_dict, to_yaml
+from .config import DTYPES, ConfigError, TrainConfig, to_dict, to_yaml
 from .engine import accumulation_steps, build_engine, init_distributed
 from .loop import LoopEnd, train_loop
 from .tracking import Tracker
@@ -28,10 +28,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def announce_config(cfg: Any, out: Path, rank: int) -> None:
-    """Print the resolved config (rank 0); :func:`resume_and_track` saves it once the run has started."""
+def config_summary(cfg: TrainConfig, out: Path) -> list[str]:
+    """A few lines that say what the run is: model, data, batch and schedule, precision and ZeRO, where it writes;
+    the whole resolved config is in ``out/config.yaml``."""
+    model, data, ds = cfg.model, cfg.data, cfg.deepspeed
+    window = f", window {model.window_size}" if model.window_size else ""
+    samples = f", {data.samples_per_epoch} samples per epoch" if data.samples_per_epoch else ""
+    offload = " (optimizer offloaded)" if ds.offload_optimizer else ""
+    return [
+        f"model: {model.name} at {model.img_size} px{window}",
+        f"data: {data.train_urls or '(none)'}{samples}",
+        f"batch: {ds.global_batch} images per step ({data.batch_size} per micro batch), {cfg.schedule.epochs:g} "
+        f"epochs, LR {cfg.optim.base_lr:g} (at batch {cfg.optim.lr_batch_reference})",
+        f"precision: {ds.precision}, ZeRO stage {ds.zero_stage}{offload}",
+        f"output: {out} (the whole config: {out / 'config.yaml'})",
+    ]
+
+
+def announce_config(cfg: TrainConfig, out: Path, rank: int) -> None:
+    """Print :func:`config_summary` (rank 0); :func:`resume_and_track` saves the whole config once the run has
+    started."""
     if rank == 0:
-        print(to_yaml(cfg), flush=True)
+        print("\n".join(config_summary(cfg, out)), flush=True)
 
 
 # Settings a resumed run must share with its checkpoint: the architecture (the weights must fit) and the global
@@ -39,7 +57,7 @@ def announce_config(cfg: Any, out: Path, rank: int) -> None:
 ARCHITECTURE_KEYS = ("name", "embed_dim", "depths", "num_heads", "extra_norm_every", "num_classes")
 
 
-def check_resumable(saved: dict, cfg: Any, where: Path) -> None:
+def check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
     """Refuse, in one sentence, to resume checkpoint ``where`` (its stored config ``saved``) with a config that
     builds another model or uses another global batch."""
     config = to_dict(cfg)
@@ -71,7 +89,7 @@ def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
 
 
 def resume_and_track(
-    engine: Any, checkpoints: CheckpointManager, point: ResumePoint | None, cfg: Any, out: Path, rank: int,
+    engine: Any, checkpoints: CheckpointManager, point: ResumePoint | None, cfg: TrainConfig, out: Path, rank: int,
     total_steps: int,
 ) -> tuple[int, int, Tracker]:
     """Load ``point`` into ``engine`` (if resuming) and start tracking at its step, continuing its wandb run.
@@ -106,7 +124,7 @@ class TrainingRun:
     """One training run as :func:`start_run` sets it up, field by field in this order; the hooks see the fields
     set before them. After start-up :meth:`train` runs the step loop."""
 
-    cfg: Any
+    cfg: TrainConfig
     rank: int
     world: int
     out: Path
@@ -148,7 +166,7 @@ class TrainingRun:
 
 
 def start_run(
-    cfg: Any,
+    cfg: TrainConfig,
     build_model: Callable[[TrainingRun], nn.Module],
     build_loader: Callable[[TrainingRun], Any],
     prepare: Callable[[TrainingRun], None] | None = None,

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from ..flops import ImageFlops
+from .config import DTYPES
+from .engine import tf32_matmuls_on
 
 # Dense peak TFLOP/s per GPU (no sparsity) from the vendors' datasheets: (name pattern, {precision: TFLOP/s}).
 # Datasheets list tensor figures "with sparsity" (marked *) beside or instead of dense ones; dense is half of those.
@@ -85,13 +87,6 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int =
     return 2 * n**3 / best / 1e12
 
 
-def tf32_enabled() -> bool:
-    """Whether fp32 matmuls on CUDA run on TF32 tensor cores (``torch.backends.cuda.matmul``)."""
-    matmul = torch.backends.cuda.matmul
-    return (getattr(matmul, "fp32_precision", "none") == "tf32" or matmul.allow_tf32
-            or torch.get_float32_matmul_precision() != "highest")
-
-
 @dataclass(frozen=True)
 class Peak:
     """Peak TFLOP/s per device and where it came from (``config``, ``datasheet: <name>`` or ``measured ...``)."""
@@ -100,16 +95,13 @@ class Peak:
     source: str
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def device_peak(device: torch.device, precision: str, override: float = 0.0) -> Peak:
     """The peak for MFU: ``override`` if positive, else the datasheet figure of a known GPU, else measured."""
     if override > 0:
         return Peak(override, "run.peak_tflops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        value = table_peak_tflops(name, precision, tf32_enabled())
+        value = table_peak_tflops(name, precision, tf32_matmuls_on())
         if value is not None:
             return Peak(value, f"datasheet: {name} {precision}")
     dtype = DTYPES[precision]
