@@ -9,6 +9,7 @@ import swinv2
 SMALL = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), img_size=32, window_size=4, num_classes=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu_kernels", [False, True], ids=["plain", "cpu-kernels"])
 @pytest.mark.parametrize("name", ["swinv2_tiny_window8_256", "swin_tiny_patch4_window7_224"])
 def test_compile_fullgraph_inference_and_training(name, cpu_kernels):

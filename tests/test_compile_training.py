@@ -66,6 +66,7 @@ def test_compiled_training_follows_the_eager_loss_curve(curves, stage):
           f"{compiled['seconds'][0]:.1f} s compiled against {eager['seconds'][0]:.1f} s eager")
 
 
+@pytest.mark.slow
 def test_compile_with_zero3_is_a_config_error(tmp_path):
     result = run(pretrain_cmd(tmp_path / "run", "deepspeed.zero_stage=3", "run.compile=true"))
     assert result.returncode == 2, describe(result)

@@ -103,6 +103,7 @@ def test_profiler_traces_its_steps_after_a_resume_and_never_a_rolled_back_step_t
     assert _traced_steps(tmp_path / "trace_steps5-6_rank0.json") == ["train_step_5", "train_step_6"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, shown", [("0", 1), ("1", 0)])
 def test_deepspeeds_accelerator_notice_is_kept_once_and_other_warnings_pass(rank, shown):
     code = ("from swinv2.train.quiet import quiet_repeated_deepspeed_notices\n"

@@ -20,6 +20,7 @@ def plan(*args: str):
     return run([sys.executable, PLAN, *args], timeout=600)
 
 
+@pytest.mark.slow
 def test_json_plan_of_a_finetuning_config():
     result = plan("--config", "configs/finetune/swinv2_base_192to224.yaml", "--gpus", "32", "--gpu", "a100-40gb",
                   "--json")
@@ -62,6 +63,7 @@ def test_a_config_that_cannot_fit_says_why_in_one_sentence():
         assert words in error, error
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_sentence_and_exit_2():
     for args, words in [(["--config", "nope.yaml"], "does not exist"),
                         (["--config", "configs/simmim/swinv2_tiny_192.yaml", "model.nope=1"], "model.nope"),

@@ -80,6 +80,7 @@ def demo_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_demo_run_learns_and_writes_checkpoint_wandb_and_images(demo_run):
     out, result = demo_run
     lines = step_lines(result.stdout)
@@ -137,6 +138,7 @@ def _watchdog(proc: subprocess.Popen) -> threading.Timer:
     return timer
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues_at_same_step_and_lr(tmp_path, demo_run):
     out = tmp_path / "run"
     # SIGTERM to the whole process group, as SLURM's preemption and the deepspeed launcher send it, so the DataLoader
@@ -182,6 +184,7 @@ def test_sigterm_checkpoints_and_resume_continues_at_same_step_and_lr(tmp_path, 
     assert complete_json(out, stopped + 2)["step"] == stopped + 2
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_leaves_its_checkpoint_alone(tmp_path, demo_run):
     # E.g. a requeued job: nothing is left to train, so nothing may be rewritten (a kill during such a rewrite would
     # damage a checkpoint that is already marked complete).
@@ -203,6 +206,7 @@ def _has_files(folder: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_kill_9_during_checkpoint_write_leaves_previous_checkpoint_usable(tmp_path):
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
@@ -255,6 +259,7 @@ def test_kill_9_during_checkpoint_write_leaves_previous_checkpoint_usable(tmp_pa
     assert all((checkpoints / t / "complete.json").is_file() for t in left)
 
 
+@pytest.mark.slow
 def test_convert_exports_the_trained_weights_and_the_encoder_loads_at_another_size(tmp_path, demo_run):
     from safetensors.torch import load_file
 
@@ -316,6 +321,7 @@ def test_config_errors_name_the_key(override, key):
         ("deepspeed.global_batch=12", "deepspeed.global_batch"),  # 12 is no multiple of 8 x 1: needs the world size
     ],
 )
+@pytest.mark.slow
 def test_launch_script_config_error_exits_2_with_one_line(tmp_path, override, key):
     result = run(pretrain_cmd(tmp_path / "run", override), timeout=120)
     assert result.returncode == 2, describe(result)
@@ -362,6 +368,7 @@ def test_resume_on_two_processes_through_universal_checkpoint(tmp_path, demo_run
     assert sorted(wandb_history(runs[-1] / f"run-{wandb_id}.wandb")) == [DEMO_STEPS + 1, DEMO_STEPS + 2]
 
 
+@pytest.mark.slow
 def test_bf16_run_trains_with_deepspeed_casting_only_parameters(tmp_path):
     # DeepSpeed 0.19's bf16 engine leaves buffers in float32 (the V2 coordinate tables): the run must still train.
     result = run(pretrain_cmd(tmp_path / "bf16", "deepspeed.precision=bf16", "run.max_steps=3"))

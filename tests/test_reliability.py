@@ -98,6 +98,7 @@ def _crafted_checkpoint(run_dir: Path, marker: Path, zero: bool) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [False, True], ids=["model-states", "zero-optimizer-states"])
 def test_convert_refuses_a_checkpoint_that_would_run_code(tmp_path, zero):
     marker = tmp_path / "payload-ran"
@@ -108,6 +109,7 @@ def test_convert_refuses_a_checkpoint_that_would_run_code(tmp_path, zero):
     assert not (tmp_path / "out").exists()  # and nothing was written
 
 
+@pytest.mark.slow
 def test_pretrained_and_resume_refuse_a_checkpoint_that_would_run_code(tmp_path):
     marker = tmp_path / "payload-ran"
     folder = _crafted_checkpoint(tmp_path / "run", marker, zero=False)
@@ -132,6 +134,7 @@ def test_pretrained_and_resume_refuse_a_checkpoint_that_would_run_code(tmp_path)
         ("model.embed_dim=48", "model.embed_dim=16 but the config says 48"),
     ],
 )
+@pytest.mark.slow
 def test_resume_refuses_another_global_batch_or_model_and_keeps_the_run_as_it_was(tmp_path, trained_run, override,
                                                                                   needle):
     run_dir = tmp_path / "run"
@@ -146,6 +149,7 @@ def test_resume_refuses_another_global_batch_or_model_and_keeps_the_run_as_it_wa
 
 # --- bad input at start-up: one sentence, exit 2, nothing written --------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_config_and_data_at_start_exit_2_with_one_sentence_and_write_nothing(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model:\n  name: [swinv2\n  img_size: 64\n")
@@ -166,6 +170,7 @@ def test_bad_config_and_data_at_start_exit_2_with_one_sentence_and_write_nothing
         assert not out.exists(), f"{args}: {sorted(out.rglob('*'))}"  # no config.yaml, nothing
 
 
+@pytest.mark.slow
 def test_weights_errors_of_convert_and_evaluate_exit_2_with_one_sentence(tmp_path, trained_run):
     # A truncated .safetensors (an interrupted copy).
     exported = tmp_path / "exported"
@@ -189,6 +194,7 @@ def test_weights_errors_of_convert_and_evaluate_exit_2_with_one_sentence(tmp_pat
     one_error(result, f"no complete checkpoint under '{empty}'")
 
 
+@pytest.mark.slow
 def test_exported_weights_get_the_users_umask(tmp_path, trained_run):
     exported = tmp_path / "exported"
     result = subprocess.run([sys.executable, CONVERT, str(trained_run), str(exported)], cwd=ROOT, env=env(),

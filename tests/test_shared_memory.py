@@ -12,9 +12,11 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from pretrain_helpers import BIN, ROOT, describe, free_port, run
 
 
+@pytest.mark.slow
 def test_deepspeed_cpu_run_leaves_no_shared_memory_segment():
     port = free_port()
     result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),

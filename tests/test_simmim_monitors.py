@@ -66,6 +66,7 @@ def _knn_on_rank(rank: int, world: int) -> dict:
                     labels[slice(*cut_queries)], 4, k=5)
 
 
+@pytest.mark.slow
 def test_knn_is_exact_across_two_ranks(tmp_path):
     g = torch.Generator().manual_seed(1)
     bank, bank_labels = torch.randn(37, 8, generator=g), torch.randint(0, 4, (37,), generator=g)
@@ -114,6 +115,7 @@ def _heldout_on_rank(rank: int, world: int, urls: list[str]) -> dict:
     return {"loss": result.loss, "count": result.count, "kept": len(result.images), "zero": result.zero_loss}
 
 
+@pytest.mark.slow
 def test_heldout_loss_equals_a_direct_float64_computation_on_one_and_two_ranks(tmp_path):
     urls = _noise_shards(tmp_path)
     model, generator = _simmim()
