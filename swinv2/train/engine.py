@@ -44,6 +44,19 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def deepspeed_launcher() -> tuple[Any, int]:
+    """``(psutil.Process of deepspeed.launcher.launch, its parent's pid)`` if that launcher started us."""
+    import psutil
+
+    try:
+        parent = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+            return parent, parent.ppid()
+    except psutil.Error:
+        pass
+    return None, 0
+
+
 def cpu_allreduce_segment(rank: int) -> Path:
     """Where DeepSpeed's CPU accelerator keeps this rank's shared-memory all-reduce buffer (``shm_open`` names live
     in ``/dev/shm`` on Linux); the name is the one its ``shm_initialize`` builds."""

@@ -5,7 +5,6 @@ of one, and :meth:`_StepLoop.sync` what the ranks do together at a sync step (ag
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import torch
 from ..flops import ImageFlops
 from .checkpoint_manager import CheckpointManager
 from .config import RunConfig
+from .engine import deepspeed_launcher
 from .metrics import ReportWindow, Throughput
 from .nonfinite import LossWatch, NonFiniteHandler, agree
 from .profiling import profile_steps
@@ -50,7 +50,7 @@ class _StopFlag:
         self.signal: int | None = None
         self.launcher_gone = False
         self._previous: dict[int, Any] = {}
-        self._launcher, self._launcher_parent = _deepspeed_launcher()
+        self._launcher, self._launcher_parent = deepspeed_launcher()
 
     @property
     def stopping(self) -> bool:
@@ -74,19 +74,6 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _deepspeed_launcher() -> tuple[Any, int]:
-    """``(psutil.Process of deepspeed.launcher.launch, its parent's pid)`` if that launcher started us."""
-    import psutil
-
-    try:
-        parent = psutil.Process(os.getppid())
-        if "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
-            return parent, parent.ppid()
-    except psutil.Error:
-        pass
-    return None, 0
 
 
 @contextmanager

@@ -11,17 +11,9 @@ from __future__ import annotations
 import logging
 import os
 
+from .engine import deepspeed_launcher
+
 NOTICE = "Setting accelerator to CPU"
-
-
-def _launched_by_deepspeed() -> bool:
-    """Whether ``deepspeed.launcher.launch`` started this process (its runner has shown the notice already)."""
-    import psutil
-
-    try:
-        return "deepspeed.launcher.launch" in " ".join(psutil.Process(os.getppid()).cmdline())
-    except psutil.Error:
-        return False
 
 
 class _RepeatedNotice(logging.Filter):
@@ -29,7 +21,7 @@ class _RepeatedNotice(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.repeat = _launched_by_deepspeed() or os.environ.get("RANK", "0") != "0"
+        self.repeat = deepspeed_launcher()[0] is not None or os.environ.get("RANK", "0") != "0"
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (self.repeat and record.getMessage().startswith(NOTICE))
