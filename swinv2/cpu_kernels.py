@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORM_EPS = 1e-12  # F.normalize's default
+from .windows import NORM_EPS
 
 
 def cpu_kernel_applies(x: torch.Tensor) -> bool:
@@ -145,12 +145,13 @@ def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(t: torch.Tensor, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``factor * t / max(|t|, eps)`` (or ``factor * t`` when ``factor`` is a float), contiguous; and the norm."""
+    """``factor * t / |t|`` (or ``factor * t`` when ``factor`` is a float), contiguous; and the norm. A vector with
+    a norm below eps gets 0, as :func:`swinv2.windows.inverse_norm` gives it."""
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # contiguous in t's logical layout
     if isinstance(factor, float):
         return torch.mul(t, factor, out=out), None
     norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    scale = norm.clamp_min(NORM_EPS).reciprocal()
+    scale = torch.where(norm > NORM_EPS, norm.clamp_min(NORM_EPS).reciprocal(), 0.0)
     return torch.mul(t, scale if factor is None else scale * factor, out=out), norm
 
 
@@ -167,7 +168,7 @@ def _normalise_backward(
 
     With ``u = t / |t|`` and ``normed = f u``:
     ``d/dt = (f / |t|) (g - u (u . g)) = (f / |t|) (g - normed (normed . g) / f^2)``;
-    below eps the norm is a constant and only the first term remains.
+    below eps the output is 0 and so is the gradient.
     """
     if norm is None:  # V1: a constant factor
         torch.mul(grad, factor, out=out)
@@ -175,8 +176,8 @@ def _normalise_backward(
     f = 1.0 if factor is None else factor
     dot = torch.mul(grad, normed, out=scratch).sum(-1, keepdim=True)
     coef = dot / (f * f) if factor is not None else dot
-    grad.addcmul_(normed, coef.masked_fill(norm < NORM_EPS, 0.0), value=-1.0)
-    torch.mul(grad, f / norm.clamp_min(NORM_EPS), out=out)
+    grad.addcmul_(normed, coef, value=-1.0)
+    torch.mul(grad, torch.where(norm > NORM_EPS, f / norm.clamp_min(NORM_EPS), 0.0), out=out)
     return dot if factor is not None else None
 
 

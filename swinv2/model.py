@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import WindowAttentionV1, WindowAttentionV2
 from .cpu_kernels import CPULinear
 from .shifted_windows import shifted_merge, shifted_partition
-from .windows import Size2, clip_window, pad_to_window, padded_size, shift_region_mask, to_2tuple
+from .windows import ShiftedGrid, Size2, clip_window, pad_to_window, to_2tuple
 
 VERSIONS = ("v1", "v2")
 
@@ -91,9 +91,8 @@ class SwinBlock(nn.Module):
     """One (shifted-)window transformer block (Swin sec. 3.2, eq. 3).
 
     V1 is pre-norm (``x + attn(norm(x))``); V2 is residual post-norm (``x + norm(attn(x))``, Swin V2 sec. 3.1)
-    with an optional extra LayerNorm on the main branch (Swin V2 sec. 3.1, used for SwinV2-H/G).
-    ``feature_size`` (the map this block sees at the model's nominal input size) lets the shift mask be built
-    once; other sizes build theirs on each forward.
+    with an optional extra LayerNorm on the main branch (Swin V2 sec. 3.1, used for SwinV2-H/G). The block holds
+    no mask: its attention builds the shift mask's three ``(N, N)`` patterns on the fly.
     """
 
     def __init__(
@@ -113,7 +112,6 @@ class SwinBlock(nn.Module):
         fused_attn: bool = True,
         attn_chunk_size: int | None = None,
         cpu_kernels: bool = False,
-        feature_size: Size2 | None = None,
     ):
         super().__init__()
         self.version, self.window, self.shift = version, window, shift
@@ -131,17 +129,6 @@ class SwinBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # stochastic depth, per branch
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
-        self.mask_size = padded_size(feature_size, window) if feature_size is not None and any(shift) else None
-        mask = shift_region_mask(self.mask_size, window, shift) if self.mask_size is not None else None
-        self.register_buffer("attn_mask", mask, persistent=False)
-
-    def shift_mask(self, size: Size2, device: torch.device) -> torch.Tensor | None:
-        """The ``(nW, N, N)`` shift mask for a padded feature size (None for an unshifted block)."""
-        if not any(self.shift):
-            return None
-        if self.attn_mask is not None and size == self.mask_size:
-            return self.attn_mask
-        return shift_region_mask(size, self.window, self.shift, device)
 
     def window_attention(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``: pad, cyclic shift, attend per window, undo both."""
@@ -149,7 +136,8 @@ class SwinBlock(nn.Module):
         x = pad_to_window(x, self.window)  # pad BEFORE the roll so the shift mask matches the rolled map
         Hp, Wp = x.shape[1:3]
         windows = shifted_partition(x, self.window, self.shift)  # (B, nW, N, C)
-        windows = self.attn(windows, self.shift_mask((Hp, Wp), x.device))
+        grid = (Hp // self.window[0], Wp // self.window[1])
+        windows = self.attn(windows, ShiftedGrid(grid, self.shift) if any(self.shift) else None)
         x = shifted_merge(windows, self.window, self.shift, (Hp, Wp))  # (B, Hp, Wp, C)
         if Hp != H or Wp != W:
             x = x[:, :H, :W].contiguous()
@@ -281,7 +269,7 @@ class SwinTransformer(nn.Module):
             blocks = [
                 SwinBlock(version, dim, num_heads[i], window, (0, 0) if j % 2 == 0 else half_shift,
                           drop_path=drop_path[sum(depths[:i]) + j], pretrained_window=pretrained[i],
-                          extra_norm=bool(extra_norm_every) and (j + 1) % extra_norm_every == 0, feature_size=size,
+                          extra_norm=bool(extra_norm_every) and (j + 1) % extra_norm_every == 0,
                           **block_options)
                 for j in range(depth)
             ]

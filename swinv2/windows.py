@@ -9,12 +9,15 @@ channels-last, ``(B, H, W, C)``, the layout the blocks work in.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 Size2 = tuple[int, int]
+
+NORM_EPS = 1e-12  # F.normalize's default
 
 # Logit added between tokens from different shift regions (the authors' value): exp(-100) underflows to 0.
 SHIFT_MASK_VALUE = -100.0
@@ -84,13 +87,52 @@ def shift_region_mask(size: Size2, window: Size2, shift: Size2, device=None) -> 
     return mask.masked_fill_(different, SHIFT_MASK_VALUE)
 
 
+class ShiftedGrid(NamedTuple):
+    """Where a shifted block's windows lie: ``grid`` windows down and across the padded map, rolled by ``shift``."""
+
+    grid: Size2
+    shift: Size2
+
+
+def border_patterns(window: Size2, shift: Size2, device=None) -> dict[str, torch.Tensor]:
+    """The three shift-mask patterns of a shifted layer, ``(N, N)`` bools, True between different regions.
+
+    After the cyclic roll (Swin sec. 3.2) only the windows of the last row and column hold tokens from two regions
+    of an axis: rows ``y >= wh - shift_h`` of a last-row window came from the top of the map, columns
+    ``x >= ww - shift_w`` of a last-column window from the left. Every other window holds one region. So a shifted
+    layer has four masks (interior: none; ``"last_row"``, ``"last_col"``, ``"corner"``) whatever its size, and
+    :func:`shift_region_mask` is these patterns laid out per window.
+    """
+    (wh, ww), (sh, sw) = window, shift
+    rows = (torch.arange(wh, device=device) >= wh - sh).repeat_interleave(ww)  # (N,) token came from the top
+    cols = (torch.arange(ww, device=device) >= ww - sw).repeat(wh)  # (N,) token came from the left
+    row_split, col_split = rows[:, None] != rows[None, :], cols[:, None] != cols[None, :]
+    return {"last_row": row_split, "last_col": col_split, "corner": row_split | col_split}
+
+
 def relative_position_index(window: Size2, device=None) -> torch.Tensor:
-    """``(N, N)`` index into a ``(2wh-1)*(2ww-1)`` table: ``(dy + wh-1) * (2ww-1) + (dx + ww-1)``."""
+    """``(N, N)`` int32 index into a ``(2wh-1)*(2ww-1)`` table: ``(dy + wh-1) * (2ww-1) + (dx + ww-1)``.
+
+    The index is ``a[i] - a[j] + a[N-1]`` with ``a = y * (2ww-1) + x`` per token, so it is one broadcast subtraction.
+    """
     wh, ww = window
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
-    index = (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
-    return index.to(device)
+    a = (torch.arange(wh, device=device)[:, None] * (2 * ww - 1) + torch.arange(ww, device=device)).flatten()
+    return (a[:, None] - a[None, :] + a[-1]).to(torch.int32)
+
+
+def inverse_norm(x: torch.Tensor, numerator: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``numerator / |x|`` over the last axis in ``x``'s dtype, and 0 for a vector whose norm is below ``NORM_EPS``.
+
+    The cosine attention's normalisation (Swin V2 sec. 3.2) as ``F.normalize`` computes it, except that a zero
+    vector (a padded key is exactly 0) gets a zero factor and a zero gradient instead of ``1 / eps``: in float16
+    ``1e-12`` underflows to 0 and ``0 * inf`` is NaN, and ``1 / eps`` times any gradient overflows. The norm is
+    accumulated in at least float32 and the factor kept within the dtype's range.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    factor = torch.where(norm > NORM_EPS, numerator / norm.clamp_min(NORM_EPS), 0.0)
+    if x.dtype == torch.float16:
+        factor = factor.clamp_max(torch.finfo(x.dtype).max)
+    return factor.to(x.dtype)
 
 
 def log_spaced_coords_table(window: Size2, pretrained_window: Size2 | None = None, device=None) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Window attention against a float64 loop reference, and the fast paths against the explicit one."""
 
+import copy
+
 import pytest
 import torch
 from conftest import randomize_
@@ -100,3 +102,32 @@ def test_position_bias_follows_weight_updates_through_data():
     with torch.no_grad():
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, fresh(x), rtol=0, atol=0)
+
+
+def test_fp16_v2_block_with_padded_windows_is_finite_forward_and_backward():
+    """A 14x14 map padded to 16x16 for window 4: the padded keys are exactly 0 (V2 has no k bias), and F.normalize's
+    eps of 1e-12 underflows to 0 in fp16, so 0 * inf was NaN in two thirds of the outputs. The fp16 block now
+    agrees with the same weights in float32."""
+    block = randomize_(SwinBlock("v2", 16, 2, (4, 4), (2, 2))).train()
+    x = torch.randn(2, 14, 14, 16)
+    want = block(x)
+    half = copy.deepcopy(block).half()
+    xh = x.half().requires_grad_(True)
+    got = half(xh)
+    got.float().square().mean().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(xh.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in half.parameters())
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_cpb_mlp_computes_in_float32_when_deepspeed_casts_the_weights_to_bf16():
+    """DeepSpeed's bf16 engine casts every parameter and adds no autocast: the CPB (Swin V2 sec. 3.3) must still
+    compute in float32. Reference: the same bf16-rounded weights in float64."""
+    attn = randomize_(SwinBlock("v2", 16, 2, (4, 4), (0, 0))).attn.bfloat16()
+    bias = attn.position_bias()
+    assert bias.dtype == torch.float32
+    fc1, fc2 = attn.cpb_mlp[0], attn.cpb_mlp[2]
+    coords = attn.relative_coords_table.double()
+    table = torch.relu(coords @ fc1.weight.double().T + fc1.bias.double()) @ fc2.weight.double().T
+    want = attn.gather_bias(16 * torch.sigmoid(table))
+    torch.testing.assert_close(bias.double(), want, rtol=1e-6, atol=1e-5)

@@ -60,12 +60,12 @@ def test_sdpa_training_path_matches_explicit_path(version, window, shift, size, 
         torch.testing.assert_close(sdpa[2][name], explicit[2][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("per_window", [False, True], ids=["shared-bias", "per-window-bias"])
-def test_sdpa_function_gradients_for_q_k_v_and_bias(per_window):
-    """The two attention functions on their own: gradients of q, k, v and the bias, windows folded into heads."""
+def test_sdpa_function_gradients_for_q_k_v_and_bias():
+    """The two attention functions on their own: gradients of q, k, v and the shared bias, windows folded into the
+    batch."""
     B, nW, nH, N, d = 2, 3, 2, 16, 8
     q, k, v = (torch.randn(B, nW, nH, N, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    bias = torch.randn(*((nW,) if per_window else ()), nH, N, N, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(nH, N, N, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(B, nW, nH, N, d, dtype=torch.float64)
     results = []
     for attend in (sdpa_attention, explicit_attention):

@@ -7,7 +7,10 @@ import torch
 
 from swinv2.shifted_windows import shifted_merge, shifted_partition
 from swinv2.windows import (
+    SHIFT_MASK_VALUE,
+    border_patterns,
     clip_window,
+    inverse_norm,
     log_spaced_coords_table,
     relative_position_index,
     shift_region_mask,
@@ -68,6 +71,36 @@ def test_shift_mask_hand_example():
     # top-right window: columns 2 and 3 are different regions, rows 0 and 1 the same
     expected = torch.tensor([[0, -100, 0, -100], [-100, 0, -100, 0], [0, -100, 0, -100], [-100, 0, -100, 0]]).float()
     assert torch.equal(mask[1], expected)
+
+
+@pytest.mark.parametrize("size,window,shift", [((4, 4), (2, 2), (1, 1)), ((8, 12), (4, 4), (2, 2)),
+                                               ((3, 15), (3, 5), (0, 2)), ((12, 8), (4, 4), (2, 0))])
+def test_border_patterns_are_the_shift_mask_per_window(size, window, shift):
+    """The four groups the attention uses (interior, last row, last column, corner) laid out per window give the
+    full (nW, N, N) mask back."""
+    full = shift_region_mask(size, window, shift)
+    patterns = border_patterns(window, shift)
+    grid = (size[0] // window[0], size[1] // window[1])
+    for index in range(full.shape[0]):
+        row, col = divmod(index, grid[1])
+        kind = {(False, False): None, (True, False): "last_row", (False, True): "last_col", (True, True): "corner"}[
+            (row == grid[0] - 1, col == grid[1] - 1)]
+        want = torch.zeros_like(full[index]) if kind is None else patterns[kind].float() * SHIFT_MASK_VALUE
+        assert torch.equal(full[index], want), (index, kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_inverse_norm_is_finite_for_zero_and_tiny_vectors_in_every_dtype(dtype):
+    """A padded key is exactly 0: its factor and gradient are 0 (F.normalize's 1e-12 underflows in fp16, 0 * inf
+    is NaN); a tiny nonzero vector stays within the dtype's range; ordinary ones are F.normalize's."""
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1e-7, 0.0]], dtype=dtype, requires_grad=True)
+    factor = inverse_norm(x, 100.0)
+    out = factor * x
+    out.sum().backward()
+    assert factor.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert out[0].abs().sum() == 0 and x.grad[0].abs().sum() == 0
+    want = 100.0 * torch.nn.functional.normalize(x[1:2].detach().double(), dim=-1)
+    torch.testing.assert_close(out[1:2].double(), want, rtol=1e-2 if dtype.itemsize == 2 else 1e-12, atol=0.0)
 
 
 def test_partition_reverse_round_trip_and_order():

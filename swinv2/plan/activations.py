@@ -23,8 +23,10 @@ from ..model import SwinBlock
 class SavedTensors:
     """Bytes saved for backward by one forward: in total, and per Swin block (``blocks[i]``, in forward order).
 
-    ``largest`` is the largest single saved storage (per block in ``block_largest``): the attention maps of a
-    window-attention block, or of one chunk of windows with ``attn_chunk_size``.
+    ``largest`` is the largest single tensor the block's backward holds at once (per block in ``block_largest``):
+    the largest saved storage, or the gradient of a bias that the attention saved as a broadcast view, whichever
+    is larger. The GPU's memory-efficient SDPA kernel writes that gradient at the full broadcast size,
+    ``(windows x batch, heads, N, N)`` per call, before reducing it (so ``attn_chunk_size`` bounds it).
     """
 
     total: int = 0
@@ -38,15 +40,25 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return storage._cdata, storage.nbytes()
 
 
+def broadcast_grad_bytes(t: torch.Tensor) -> int:
+    """Bytes of the gradient of a saved tensor that needs one, when that gradient is written at the tensor's full
+    (broadcast) size: more than the storage it views. 0 otherwise."""
+    full = t.numel() * t.element_size()
+    return full if t.requires_grad and full > t.untyped_storage().nbytes() else 0
+
+
 def count_saved(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> SavedTensors:
     """Run ``forward(model)`` (to the loss) and count the storages autograd keeps for the backward pass."""
     states = {_storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
     current: list[int | None] = [None]
     per_block: dict[int, dict[int, int]] = {}
+    grad_peak: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key, nbytes = _storage_key(t)
+        if current[0] is not None:
+            grad_peak[current[0]] = max(grad_peak.get(current[0], 0), broadcast_grad_bytes(t))
         if key not in states and key not in seen:
             seen[key] = nbytes
             if current[0] is not None:
@@ -76,5 +88,5 @@ def count_saved(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) 
         for h in handles:
             h.remove()
     block_bytes = [sum(per_block.get(i, {}).values()) for i in order]
-    block_largest = [max(per_block.get(i, {0: 0}).values()) for i in order]
+    block_largest = [max(*per_block.get(i, {0: 0}).values(), grad_peak.get(i, 0)) for i in order]
     return SavedTensors(sum(seen.values()), block_bytes, block_largest, max(seen.values(), default=0))
