@@ -80,40 +80,43 @@ class HeldOutResult:
 
 @torch.no_grad()
 def heldout_loss(model: SimMIM, loader: Any, mask_generator: MaskGenerator, device: torch.device,
-                 dtype: torch.dtype = torch.float32, lockstep: bool = False, keep: int = 8) -> HeldOutResult:
+                 lockstep: bool = False, keep: int = 8) -> HeldOutResult:
     """SimMIM's loss over every image of ``loader`` (a ``"heldout"`` stream of uint8 images with ``key``s).
 
-    ``lockstep=True`` when the forward is collective (ZeRO-3): ranks without data join with a dummy batch.
+    The images are normalised in float32 (the target's precision); the model casts the encoder's copy to its own
+    dtype. ``lockstep=True`` when the forward is collective (ZeRO-3): ranks without data join with a dummy batch.
     """
     was_training = model.training
     model.eval()
-    # sum |t - p| * M, sum M * channels, images, sum |t - 0| * M
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    # sum |t - p| * M, sum M * channels, sum |t - 0| * M; the image count stays on the host (no copy per batch)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    count = 0
     kept: tuple[torch.Tensor, ...] = ()
 
     def dry_forward() -> None:
         h, w = mask_generator.input_size
-        model.predict(torch.zeros(1, model.in_chans, h, w, device=device, dtype=dtype),
+        model.predict(torch.zeros(1, model.in_chans, h, w, device=device),
                       torch.zeros(1, *mask_generator.token_size, dtype=torch.long, device=device))
 
     try:
         for batch in lockstep_batches(loader, device, lockstep, dry_forward):
-            images = normalize_images(batch["image"].to(device, non_blocking=True), dtype)
+            images = normalize_images(batch["image"].to(device, non_blocking=True))
             masks = key_masks(mask_generator, batch["key"]).to(device)
             pred = model.predict(images, masks)
             error, weight = model.masked_error(images, masks, pred)
             zero_error, _ = model.masked_error(images, masks, torch.zeros_like(pred))
             sums += torch.stack([error.sum(dtype=torch.float64), weight.sum(dtype=torch.float64) * model.in_chans,
-                                 torch.tensor(float(len(images)), dtype=torch.float64, device=device),
                                  zero_error.sum(dtype=torch.float64)])
+            count += len(images)
             if not kept:
                 n = min(keep, len(images))
                 kept = (images[:n].float(), masks[:n], model.to_input_space(images[:n], pred[:n]).float())
     finally:
         model.train(was_training)
+    sums = torch.cat([sums, torch.full((1,), float(count), dtype=torch.float64, device=device)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
-    error_sum, weight_sum, count, zero_sum = sums.tolist()
+    error_sum, weight_sum, zero_sum, count = sums.tolist()
     if count == 0:
         raise ValueError("the held-out set is empty on every rank: check data.eval_urls")
     if not kept:

@@ -131,8 +131,13 @@ class SimMIM(nn.Module):
             )
 
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The decoder output ``(B, in_chans, H, W)``, in the target's space (what the loss compares)."""
+        """The decoder output ``(B, in_chans, H, W)``, in the target's space (what the loss compares).
+
+        The encoder gets ``images`` in its weights' dtype: DeepSpeed's bf16 casts the weights and adds no autocast,
+        so callers pass float32 images and only the encoder's copy is rounded (the target keeps float32).
+        """
         self._check(images, mask)
+        images = images.to(self.mask_token.dtype)
         tokens = self.encoder.embed(images, mask, self.mask_token)  # mask token in before the position embedding
         features = self.encoder.forward_tokens(tokens)  # (B, H/stride, W/stride, C)
         return self.decoder(features.permute(0, 3, 1, 2))
@@ -168,7 +173,11 @@ class SimMIM(nn.Module):
         return torch.abs(self.target(images).float() - pred) * weight, weight
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scalar loss: ``sum(|target - pred| * M) / (sum(M) + 1e-5) / in_chans``, M the pixel mask (sec. 3.3)."""
+        """Scalar loss: ``sum(|target - pred| * M) / (sum(M) + 1e-5) / in_chans``, M the pixel mask (sec. 3.3).
+
+        Pass float32 ``images`` whatever the model's dtype: the target is built from them as given (a bf16 target
+        would round every pixel to 2^-9 relative before the loss sees it); the encoder gets its own cast.
+        """
         error, weight = self.masked_error(images, mask, self.predict(images, mask))
         return error.sum() / (weight.sum() + LOSS_EPS) / self.in_chans
 

@@ -67,7 +67,7 @@ class PretrainMonitors:
         parts = []
         if self.heldout is not None:
             with gathered([model.mask_token]):
-                result = heldout_loss(model, self.heldout, self.mask_generator, device, dtype, lockstep,
+                result = heldout_loss(model, self.heldout, self.mask_generator, device, lockstep,
                                       keep=self.cfg.eval.num_images)
             metrics["eval/heldout_loss"] = result.loss
             metrics["eval/heldout_loss_zero"] = result.zero_loss

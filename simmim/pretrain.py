@@ -59,13 +59,14 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     engine, dtype, tracker, last_step = run.engine, run.dtype, run.tracker, run.last_step
 
     def compute_loss(batch: dict) -> torch.Tensor:
-        images = normalize_images(batch["image"].to(engine.device, non_blocking=True), dtype)
+        # float32 images: the SimMIM target is built from them; the model casts the encoder's copy to its dtype.
+        images = normalize_images(batch["image"].to(engine.device, non_blocking=True), torch.float32)
         return engine(images, batch["mask"].to(engine.device, non_blocking=True))
 
     def after_step(step: int, batch: dict) -> None:
         every = cfg.run.image_every
         if (every and step % every == 0) or step == last_step:
-            save_reconstruction(engine, batch, dtype, tracker, step)
+            save_reconstruction(engine, batch, tracker, step)
         if monitors.due(step, last_step):
             monitors.run(engine.module, engine.device, dtype, tracker, step)
 
@@ -80,10 +81,10 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
 
 
 @torch.no_grad()
-def save_reconstruction(engine: Any, batch: dict, dtype: torch.dtype, tracker: Tracker, step: int) -> None:
+def save_reconstruction(engine: Any, batch: dict, tracker: Tracker, step: int) -> None:
     """Reconstruct up to 8 images of ``batch`` (collective under ZeRO-3) and save the grid on rank 0."""
     model: SimMIM = engine.module
-    images = normalize_images(batch["image"][:8].to(engine.device), dtype)
+    images = normalize_images(batch["image"][:8].to(engine.device), torch.float32)
     mask = batch["mask"][:8].to(engine.device)
     was_training = model.training
     model.eval()

@@ -26,19 +26,35 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def imagenet_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as float32 ``(1, 3, 1, 1)`` tensors on ``device``, built once per device.
+
+    Built per call, ``torch.tensor(..., device="cuda")`` copies from pageable host memory, which synchronises the
+    stream on every micro batch and stops the CPU from running ahead of the GPU.
+    """
+    device = torch.device(device)
+    if device not in _STATS:
+        _STATS[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                               for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return _STATS[device]
+
+
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 ``(B, 3, H, W)`` pixels -> ImageNet-normalised ``dtype``, on the images' device.
 
     The same float32 arithmetic as torchvision's ``ToTensor`` + ``Normalize`` (divide by 255, subtract the mean,
-    divide by the std), so the numbers are identical to normalising in the workers.
+    divide by the std), so the numbers are identical to normalising in the workers. Keep the default float32 for
+    SimMIM: :class:`simmim.SimMIM` builds its target from the images as given and casts only the encoder's input.
     """
     if images.dtype != torch.uint8:
         raise TypeError(
             f"expected uint8 pixels as simmim.PretrainTransform makes them, got {images.dtype}: "
             "pass the loader's batch['image'] before any conversion"
         )
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(images.device)
     return images.to(torch.float32).div_(255.0).sub_(mean).div_(std).to(dtype)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,15 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def unpickling_refused(what: str | os.PathLike, error: BaseException, names: list[str] | None = None) -> str:
+    """The first half of the sentence refusing a file that weights-only loading stopped at: which file, and the
+    classes or functions it names (``names``, else from torch's message; never torch's advice to allow code)."""
+    names = sorted(set(names or re.findall(r"GLOBAL ([\w.]+)", str(error))))
+    held = f"a pickled {', '.join(names)}" if names else "pickled objects"
+    return (f"checkpoint {str(what)!r} holds {held} besides weights and plain data, so it was not loaded, since "
+            "unpickling it could run code")
+
+
 def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """A flat ``name -> tensor`` dict from a path or an (possibly wrapped) state dict, never unpickling code."""
     if not isinstance(source, dict):
@@ -76,10 +86,21 @@ def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]
         else:
             try:
                 source = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                try:  # every class and function the file's pickle names, read without running any of them
+                    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                except Exception:  # noqa: BLE001 - not a torch.save zip file: what torch's message names
+                    names = None
+                raise ValueError(
+                    f"{unpickling_refused(path, error, names)}: if what it names is plain data you trust, load the "
+                    "file with torch.load(weights_only=True) inside torch.serialization.safe_globals([...]) naming "
+                    "it, and save the state dict with safetensors.torch.save_file; then pass that .safetensors file"
+                ) from None
             except Exception as error:  # noqa: BLE001 - any unreadable file gets the same sentence
                 raise ValueError(
-                    f"checkpoint {str(path)!r} cannot be read as weights-only (.pth/.pt/.safetensors) ({error}): "
-                    "convert it to a plain state dict or safetensors"
+                    f"checkpoint {str(path)!r} cannot be read as weights-only (.pth/.pt/.safetensors) "
+                    f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}): it may "
+                    "be truncated or not a checkpoint; copy or export it again"
                 ) from None
     state = source
     for _ in range(3):  # e.g. {"model": {...}} (authors), {"module": {...}} (DeepSpeed)

@@ -1,6 +1,11 @@
 """Checkpoint layouts, adaptation to new windows/resolutions/classes, reports, export and clear errors."""
 
+import argparse
+import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -149,5 +154,66 @@ def test_untrusted_pickles_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": _NotWeights()}, f)
-    with pytest.raises(ValueError, match=r"cannot be read as weights-only"):
-        swinv2.load_checkpoint(_v2(), path)
+    saved = tmp_path / "saved.pth"  # torch.save's zip file: every name it imports is listed
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1), "extra": _NotWeights()}, saved)
+    named = "a pickled argparse.Namespace, test_checkpoints._NotWeights"
+    for file, held in [(path, "pickled objects"), (saved, named)]:
+        with pytest.raises(ValueError) as refused:
+            swinv2.load_checkpoint(_v2(), file)
+        message = str(refused.value)
+        assert message.startswith(f"checkpoint {str(file)!r} holds {held} besides weights and plain data, so it was "
+                                  "not loaded"), message
+        assert "safetensors.torch.save_file" in message and "\n" not in message
+        assert "weights_only=False" not in message and "Re-running" not in message  # never torch's advice to run it
+
+
+class _Payload:
+    """Unpickling this makes the folder ``marker``: the proof that a file's code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _crafted_checkpoint(run_dir, marker):
+    """A complete-looking ZeRO checkpoint folder whose model and optimizer states carry a payload."""
+    folder = run_dir / "checkpoints" / "step00000005"
+    folder.mkdir(parents=True)
+    (folder / "complete.json").write_text(json.dumps({"step": 5, "world_size": 1}))
+    torch.save({"module": {"encoder.w": _Payload(str(marker))}}, folder / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": _Payload(str(marker))}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return folder
+
+
+def test_the_universal_conversion_refuses_a_checkpoint_that_would_run_code_by_its_name(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from swinv2.commands.convert import main
+
+    marker = tmp_path / "payload-ran"
+    folder = _crafted_checkpoint(tmp_path / "run", marker)
+    monkeypatch.chdir(tmp_path)  # the message once named the current directory instead
+    assert main([str(tmp_path / "run"), "--universal"]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint {str(folder)!r} holds a pickled posix.mkdir besides "
+                                       "weights and plain data, so it was not loaded, since unpickling it could run "
+                                       "code: use checkpoints written by this project or weights saved as "
+                                       ".safetensors\n")
+    assert not marker.exists() and sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+@pytest.mark.slow  # DeepSpeed's converter in a subprocess, as a resume at another world size runs it
+def test_the_converter_subprocess_names_the_checkpoint_it_refuses(tmp_path):
+    marker = tmp_path / "payload-ran"
+    folder = _crafted_checkpoint(tmp_path / "run", marker)
+    runner = ("from swinv2.train.safe_load import run_module_weights_only as run; "
+              "run('deepspeed.checkpoint.ds_to_universal')")
+    result = subprocess.run([sys.executable, "-c", runner, "--input_folder", str(folder), "--output_folder",
+                             str(tmp_path / "out"), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: checkpoint {str(folder)!r} holds a pickled posix.mkdir besides weights and plain "
+                      "data, so it was not loaded, since unpickling it could run code: use checkpoints written by "
+                      "this project or weights saved as .safetensors"]
+    assert "Traceback" not in result.stderr and not marker.exists()

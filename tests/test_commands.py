@@ -90,3 +90,11 @@ def test_a_bug_under_the_guard_ends_in_a_traceback_and_exit_1():
     assert result.returncode == 1
     assert "Traceback" in result.stderr and result.stderr.strip().endswith("ZeroDivisionError: integer division or "
                                                                            "modulo by zero")
+
+
+def test_evaluate_names_its_own_option_for_empty_data(tmp_path, capsys):
+    from swinv2.commands.evaluate import main
+
+    assert main([str(tmp_path / "best.safetensors"), "--data", " "]) == 2
+    assert capsys.readouterr().err == ("error: --data is empty: pass the evaluation shards, e.g. --data demo:val, a "
+                                       "folder of shards or --data 'val-{0000..0063}.tar'\n")

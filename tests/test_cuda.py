@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import swinv2
 from swinv2.model import SwinBlock
+from swinv2.plan.fake import cast_params
 
 pytestmark = pytest.mark.cuda
 
@@ -91,6 +92,31 @@ def test_sdpa_training_keeps_no_attention_maps(version):
     peak(True)  # warm-up
     one_map = 8 * 64 * 4 * 64 * 64 * 4
     assert peak(False) - peak(True) > one_map // 2
+
+
+@pytest.mark.parametrize("regime", ["cast", "autocast"])
+@pytest.mark.parametrize("window", [6, 7, 8, 12, 14, 24], ids=lambda w: f"N{w * w}")
+def test_eval_bf16_default_dispatch_matches_float64(window, regime):
+    """Evaluation (``no_grad``, bf16) through whatever SDPA kernel PyTorch picks here (with cuDNN > 9.15 on H100,
+    cuDNN attention, which training never reaches because the bias needs a gradient), at window lengths N = 36,
+    49 and 196 (strides no kernel aligns) and 64, 144, 576, shifted and padded: no further from float64 than the
+    explicit path in the same precision. ``cast``: the weights in bf16 as DeepSpeed's bf16 engine runs them;
+    ``autocast``: fp32 weights under bf16 autocast. benchmarks/gpu_check.py records which kernel ran."""
+    block = randomize_(SwinBlock("v2", 128, 4, (window, window), (window // 2, window // 2))).eval().cuda()
+    x = torch.randn(2, 2 * window + 3, 3 * window, 128, device="cuda")
+    with torch.no_grad():
+        want = block.double()(x.double())
+        block = block.float() if regime == "autocast" else cast_params(block.float(), torch.bfloat16).eval()
+        inputs = x if regime == "autocast" else x.bfloat16()
+        outputs = {}
+        for fused in (True, False):
+            block.attn.fused = fused
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=regime == "autocast"):
+                outputs[fused] = block(inputs).double()
+    scale = float(want.abs().max())
+    error, reference_error = (float((outputs[f] - want).abs().max()) for f in (True, False))
+    assert torch.isfinite(outputs[True]).all()
+    assert error <= 2 * reference_error + 1e-3 * scale, (error, reference_error, scale)
 
 
 @pytest.mark.parametrize("name", ["swinv2_tiny_window8_256", "swin_tiny_patch4_window7_224"])

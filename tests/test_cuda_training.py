@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from pretrain_helpers import ROOT, TINY, describe, env
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.slow]  # real launcher runs: gpu_check --quick leaves them out
 
 RUN_AND_REPORT = """
 import json, sys, torch

@@ -130,14 +130,17 @@ def test_interrupted_write_leaves_only_complete_shards_and_a_rerun_finishes(tmp_
     assert failed.returncode == 1 and "writing failed" in failed.stderr and "File too large" in failed.stderr
     written = sorted(out.iterdir())
     # blue (4 images) and green's first four fill shards 0-3; the big PNG's shard 4 failed mid-write.
-    assert [p.name for p in written] == [f"s-{i:03d}.tar" for i in range(4)]  # no .partial, no dataset.json
+    # No .partial shard and no dataset.json; the journal lists what the run wrote, for the re-run to remove.
+    assert [p.name for p in written] == ["dataset.json.partial"] + [f"s-{i:03d}.tar" for i in range(4)]
+    written = written[1:]
     for path in written:
         assert len(shard_members(path)) == 4  # 2 samples x (image + label): complete and readable
 
-    (out / "s-009.tar.partial").write_bytes(b"left behind by a killed run")
+    assert json.loads((out / "dataset.json.partial").read_text())["shards"][-1] == "s-004.tar"  # what it was writing
+    (out / "s-004.tar.partial").write_bytes(b"left behind by a killed run")
     assert _cli().main([str(tmp_path / "src"), pattern, "--max-samples", "2", "--quiet"]) == 0
     index = json.loads((out / "dataset.json").read_text())
-    assert index["samples"] == 13 and not list(out.glob("*.partial"))
+    assert index["samples"] == 13 and not list(out.glob("*.partial"))  # the journal is gone with them
     assert sorted(p.name for p in out.glob("*.tar")) == [s["name"] for s in index["shards"]]
 
 
@@ -154,6 +157,9 @@ def test_bad_options_end_in_one_sentence_and_exit_code_2(tmp_path, capsys):
         ([str(tmp_path / "src"), str(tmp_path / "o" / "s-%03d.zip")], "must end in .tar"),
         ([str(tmp_path / "src"), str(tmp_path / "o" / "s-%03d.tar"), "--quality", "101"], "--quality must be"),
         ([str(tmp_path / "src"), str(tmp_path / "o" / "s-%03d.tar"), "--resize", "4"], "--resize must be"),
+        ([str(tmp_path / "src"), str(tmp_path / "src" / "red" / "img0.jpg" / "s-%03d.tar")], "is an existing file"),
+        ([str(tmp_path / "src"), "/sys/s-%03d.tar"], "cannot write into output folder '/sys'"),  # even for root
+        ([str(tmp_path / "src"), "/sys/swinv2-shards/s-%03d.tar"], "cannot write into output folder"),
     ]
     for argv, words in cases:
         assert cli.main(argv) == 2
@@ -170,3 +176,64 @@ def test_two_splits_cannot_share_a_folder(tmp_path):
     with pytest.raises(ValueError, match="its own folder"):
         write_shards(tmp_path / "src", str(tmp_path / "out" / "val-%03d.tar"), progress=False)
     assert (tmp_path / "out" / "train-000.tar").exists()  # nothing of the first split was touched
+
+
+def test_make_shards_removes_only_files_it_wrote(tmp_path, capsys):
+    make_class_folder(tmp_path / "src", per_class=2)
+    cli, out = _cli(), tmp_path / "out"
+    out.mkdir()
+    theirs = {"train-000123.tar": b"a user's own shard", "notes.txt": b"keep", "train-x.tar": b"keep too"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    assert cli.main([str(tmp_path / "src"), str(out / "train-%06d.tar"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'train-000123.tar'" in err and "did not write" in err and err.count("\n") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)  # nothing written, nothing removed
+    year = tmp_path / "photos"
+    year.mkdir()
+    (year / "2023.tar").write_bytes(b"an archive")  # %d.tar matches it too
+    assert cli.main([str(tmp_path / "src"), str(year / "%d.tar"), "--quiet"]) == 2
+    assert "'2023.tar'" in capsys.readouterr().err and (year / "2023.tar").read_bytes() == b"an archive"
+
+    (out / "train-000123.tar").unlink()
+    assert cli.main([str(tmp_path / "src"), str(out / "train-%06d.tar"), "--max-samples", "1", "--quiet"]) == 0
+    assert len(list(out.glob("train-0*.tar"))) == 6
+    # A re-run into its own folder replaces the shards its index lists and leaves the rest.
+    assert cli.main([str(tmp_path / "src"), str(out / "train-%06d.tar"), "--max-samples", "4", "--quiet"]) == 0
+    index = json.loads((out / "dataset.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted(["dataset.json", "notes.txt", "train-x.tar",
+                                                            "train-000000.tar", "train-000001.tar"])
+    assert [s["samples"] for s in index["shards"]] == [4, 2]
+
+
+def grey_jpeg(width: int, height: int) -> bytes:
+    """A valid mid-grey greyscale JPEG of any size, built without holding its pixels: PIL's header of an 8 x 8 grey
+    image with the size patched, then one 6-bit code per 8 x 8 block (mid-grey is 0 after the level shift: DC
+    difference 0 = '00' and end of block = '1010' in the standard Huffman tables), padded with 1 bits."""
+    small = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(small, "JPEG", quality=90)
+    data = small.getvalue()
+    sof, sos = data.index(b"\xff\xc0"), data.index(b"\xff\xda")
+    scan_start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    head = data[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 9:scan_start]
+    bits = "001010" * (-(-width // 8) * -(-height // 8))
+    bits += "1" * (-len(bits) % 8)
+    return head + int(bits, 2).to_bytes(len(bits) // 8, "big") + b"\xff\xd9"  # no 0xff byte needs stuffing
+
+
+def test_a_huge_photo_is_kept_reduced_with_resize_and_skipped_without(tmp_path):
+    small = Image.open(io.BytesIO(grey_jpeg(40, 24)))
+    assert small.size == (40, 24) and small.getextrema() == (128, 128)  # the builder makes real JPEGs
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "huge.jpg").write_bytes(grey_jpeg(20000, 20000))  # 400 M pixels: over PIL's bomb limit of 179 M
+    (src / "small.jpg").write_bytes(image_bytes((10, 200, 10), (60, 50)))
+    summary = write_shards(src, str(tmp_path / "r" / "s-%03d.tar"), resize=256, progress=False)
+    assert summary.images == 2 and not summary.skipped
+    members = shard_members(summary.shards[0])
+    huge = Image.open(io.BytesIO(members["000000.jpg"]))
+    assert huge.size == (256, 256) and huge.mode == "RGB"
+    assert np.abs(np.asarray(huge, dtype=np.int16) - 128).max() <= 2
+    kept = write_shards(src, str(tmp_path / "k" / "s-%03d.tar"), progress=False)  # stored as is, never decodable
+    assert kept.images == 1 and kept.skipped[0][0].endswith("huge.jpg")
+    assert "20000 x 20000 pixels is more than the 178956970" in kept.skipped[0][1] and "--resize" in kept.skipped[0][1]

@@ -21,7 +21,8 @@ from swinv2.train.throughput import PhaseTimer, device_peak, step_flops, table_p
 SPLIT = ("train/time_data_s", "train/time_fwd_bwd_s", "train/time_optimizer_s", "train/time_checkpoint_s")
 # What every report holds besides the split (the console shows the first few and the non-zero counters).
 ALL_FIELDS = ("loss", "lr", "grad_norm", "images_per_s", "tflops", "mfu_pct", "step_time_s", "peak_memory_mb", "epoch",
-              "skipped_samples", "skipped_steps", "nonfinite_steps", "nonfinite_skipped", "rollbacks", "eta_min")
+              "skipped_samples", "skipped_steps", "nonfinite_steps", "nonfinite_skipped", "rollbacks", "eta_min",
+              "updates")
 PEAK = 0.05  # TFLOP/s, given as run.peak_tflops
 
 

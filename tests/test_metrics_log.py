@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from swinv2.train.config import WandbConfig
 from swinv2.train.console import WIDTH, duration, report_lines, short_fields
 from swinv2.train.profiling import profile_steps
 from swinv2.train.quiet import NOTICE
-from swinv2.train.tracking import Tracker
+from swinv2.train.tracking import Tracker, last_logged_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = {
@@ -66,9 +69,109 @@ def test_metrics_jsonl_gets_every_field_once_per_report_and_a_resumed_run_append
     Tracker(wandb, tmp_path, {}, rank=1, total_steps=30).log(REPORT, 6)  # other ranks write nothing
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3, 4]
-    assert rows[0] == {"step": 2, **REPORT} and math.isnan(rows[1]["train/loss"])
+    assert rows[0] == {"step": 2, **REPORT, "train/updates": 2} and math.isnan(rows[1]["train/loss"])
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in printed] == ["2/30", "4/30"]
+
+
+def test_the_eta_counts_from_the_first_report_which_takes_its_own_step_time(tmp_path, capsys):
+    tracker = Tracker(WandbConfig(mode="disabled"), tmp_path, {}, rank=0, total_steps=30, log_every=2)
+    # Start-up (and a step-0 evaluation) happened since the tracker was made; the first report has no pace yet.
+    assert math.isnan(tracker.eta_seconds(2))
+    tracker.log({**REPORT, "train/eta_min": math.nan, "train/step_time_s": 5.0}, 2)  # its window: 5 s per step
+    assert capsys.readouterr().out.split()[-1] == "2m20s"  # 28 steps left at 5 s
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["train/eta_min"] == 28 * 5.0 / 60
+    assert tracker.eta_seconds(4) >= 0  # from the pace since the first report on
+    tracker.rolled_back(4, 2)  # the steps run again: the pace starts over
+    assert math.isnan(tracker.eta_seconds(3))
+    tracker.finish()
+
+
+def wandb_records(run_file: Path, kind: str) -> list:
+    """The ``kind`` records (``history``, ``summary``) of an offline wandb run file, as ``{key: value}`` dicts, in
+    order (the LevelDB-log layout that ``pretrain_helpers.wandb_history`` decodes)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending, out = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _crc, length, chunk_kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if chunk_kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if chunk_kind in (1, 2) else pending + chunk
+        if chunk_kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == kind:
+                items = record.history.item if kind == "history" else record.summary.update
+                out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return out
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def _online_run(tmp_path, monkeypatch, capsys) -> tuple[Path, str, float]:
+    """An online Tracker that cannot reach wandb; returns its offline run file, what it printed and its start time."""
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_unused_port()}")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc key
+    started = time.monotonic()
+    tracker = Tracker(WandbConfig(mode="online"), tmp_path / "run", {}, rank=0, total_steps=4)
+    seconds = time.monotonic() - started
+    tracker.log({"train/loss": 1.0}, 1)
+    tracker.finish()
+    return next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")), capsys.readouterr().out, seconds
+
+
+@pytest.mark.slow
+def test_online_without_an_api_key_logs_offline_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_file, printed, seconds = _online_run(tmp_path, monkeypatch, capsys)
+    assert [row["train/loss"] for row in wandb_records(run_file, "history")] == [1.0]
+    assert printed.startswith("wandb could not start online (No API key configured."), printed
+    assert f"so this run logs offline to {tmp_path / 'run' / 'wandb'}; upload it later with `wandb sync`" in printed
+    print(f"fell back in {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_online_without_a_network_logs_offline_after_the_init_timeout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key, but the server is a closed local port
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    run_file, printed, seconds = _online_run(tmp_path, monkeypatch, capsys)
+    assert [row["train/loss"] for row in wandb_records(run_file, "history")] == [1.0]
+    assert printed.startswith("wandb could not start online ("), printed
+    print(f"fell back in {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_rows_after_a_rollback_and_a_crash_resume_reach_wandb_at_growing_updates(tmp_path):
+    # wandb keeps one row per step and drops a row logged at a step it has passed: rows go at updates done.
+    offline = WandbConfig(mode="offline")
+    tracker = Tracker(offline, tmp_path, {}, rank=0, total_steps=10, run_id="rolled")
+    for step in (1, 2, 3):
+        tracker.log({"train/loss": float(step), "train/lr": 5.005e-06}, step)
+    tracker.rolled_back(3, 1)  # steps 2 and 3 run again
+    for step in (2, 3, 4):
+        tracker.log({"train/loss": 10.0 + step, "train/lr": 5.005e-06}, step)
+    tracker.finish()
+    assert last_logged_updates(tmp_path / "metrics.jsonl") == 6
+    # A crash after step 4; the run resumes from a checkpoint at step 2 and runs steps 3.. again.
+    resumed = Tracker(offline, tmp_path, {}, rank=0, total_steps=10, start_step=2, run_id="rolled")
+    resumed.log({"train/loss": 23.0, "train/lr": 5.005e-06}, 3)
+    resumed.finish()
+    first, second = sorted((tmp_path / "wandb").glob("offline-run-*/run-rolled.wandb"))
+    rows = wandb_records(first, "history")
+    assert [(r["_step"], r["train/step"], r["train/loss"]) for r in rows] == [
+        (1, 1, 1.0), (2, 2, 2.0), (3, 3, 3.0), (4, 2, 12.0), (5, 3, 13.0), (6, 4, 14.0)]
+    assert [(r["_step"], r["train/step"]) for r in wandb_records(second, "history")] == [(7, 3)]
+    # The summary keeps the LR as logged (wandb's own end-of-run printout would show round(x, 5) = 1e-05).
+    summary = {k: v for update in wandb_records(first, "summary") for k, v in update.items()}
+    assert summary["train/lr"] == 5.005e-06
 
 
 def _steps(profiler, steps):

@@ -72,3 +72,54 @@ def test_bad_input_is_one_sentence_and_exit_2():
         result = plan(*args)
         assert result.returncode == 2, describe(result)
         assert words in result.stderr.strip().splitlines()[-1]
+
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def shipped_kind(path) -> str:
+    """What a shipped config is, by the folder it ships in (configs/finetune/ holds the fine-tuning ones)."""
+    return "fine-tuning" if "finetune" in path.relative_to(ROOT / "configs").parts else "pretraining"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_loads_with_its_own_schema(path):
+    from simmim.commands.plan import load
+
+    cfg = load(str(path), [])
+    assert type(cfg).__name__ == {"pretraining": "PretrainConfig", "fine-tuning": "FinetuneConfig"}[shipped_kind(path)]
+
+
+@pytest.mark.slow  # two fake forwards per config; every config is 9 minutes on 2 cores, the loading test above
+# covers every config's schema, and the planning after it is the same code for all of them
+@pytest.mark.parametrize("path", [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "finetune" / "demo.yaml"],
+                         ids=["demo", "finetune-demo"])
+def test_the_demo_configs_plan_through_the_cli(path, capsys):
+    from simmim.commands.plan import main
+
+    assert main(["--config", str(path), "--json"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"{path} ({shipped_kind(path)}): " in out  # the schema its folder says
+    plan = json.loads(out.strip().splitlines()[-1])
+    assert plan["params"] > 0 and plan["per_rank_bytes"]["total"] > 0
+
+
+def test_bad_planner_input_is_one_sentence_and_exit_2_before_any_planning(tmp_path, capsys):
+    from simmim.commands.plan import main
+
+    listed, broken = tmp_path / "list.yaml", tmp_path / "broken.yaml"
+    listed.write_text("- model\n- optim\n")
+    broken.write_text("model:\n  name: [swinv2\n")
+    tiny, demo = str(ROOT / "configs" / "simmim" / "swinv2_tiny_192.yaml"), str(ROOT / "configs" / "demo.yaml")
+    for args, words in [
+        (["--config", str(listed)], "holds a list, not a mapping"),
+        (["--config", str(broken)], "is not valid YAML at line 3"),
+        (["--config", tiny, "model.name=swinv2_tiny_window8_265"], "e.g. swinv2_tiny_window8_256"),
+        (["--config", tiny, "model.window_size=0"], "model.window_size=0 must be positive"),
+        (["--config", tiny, "--gpus", "0"], "--gpus and --gpus-per-node must be positive"),
+        (["--config", demo, "ema.enabled=true"], "mixes pretraining keys (probe, simmim) and fine-tuning keys (ema)"),
+    ]:
+        assert main(args) == 2, args
+        captured = capsys.readouterr()
+        assert "per rank" not in captured.out  # refused before any plan
+        assert captured.err.count("\n") == 1 and words in captured.err, (args, captured.err)

@@ -53,6 +53,7 @@ def test_derived_json_asks_for_fp32_accumulation(precision, stage, micro, world,
     assert fp32_grad_accumulation(precision, stage, accumulation) is fp32
     assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if fp32 else None)
     assert ds["bf16"]["enabled"] is (precision == "bf16")
+    assert ds["communication_data_type"] == "fp32"  # DeepSpeed would all-reduce in the training dtype
 
 
 def test_bf16_accumulation_without_zero_is_a_config_error():
@@ -93,13 +94,14 @@ Z2_ACCUM = ["deepspeed.zero_stage=2", "deepspeed.global_batch=16", "data.batch_s
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     """20 steps of ZeRO-2 with 2 accumulation steps on 2 processes, fp32 and bf16 as derived (fp32 accumulation);
-    and ZeRO-1 bf16 with accumulation; both bf16 engines saved for the checkpoint test."""
+    ZeRO-1 bf16 with accumulation, and without; the bf16 engines saved for the checkpoint test."""
     tmp = tmp_path_factory.mktemp("precision")
     result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), HELPER,
                   "--out", str(tmp / "curves.json"), "--steps", str(STEPS), "--checkpoint", str(tmp),
                   "--run", "fp32", *Z2_ACCUM, "--run", "bf16", *Z2_ACCUM, "deepspeed.precision=bf16",
                   "--run", "zero1_bf16", "deepspeed.zero_stage=1", "deepspeed.global_batch=16", "data.batch_size=4",
-                  "deepspeed.precision=bf16"])
+                  "deepspeed.precision=bf16", "--run", "zero1_bf16_one_micro", "deepspeed.zero_stage=1",
+                  "deepspeed.global_batch=8", "data.batch_size=4", "deepspeed.precision=bf16"])
     assert result.returncode == 0, describe(result)
     return json.loads((tmp / "curves.json").read_text()), tmp
 
@@ -110,6 +112,11 @@ def test_bf16_zero2_accumulation_follows_fp32(curves):
     fp32, bf16 = np.array(runs["fp32"]["losses"]), np.array(runs["bf16"]["losses"])
     assert runs["bf16"]["accumulation"] == 2 and runs["bf16"]["world_size"] == 2
     assert runs["bf16"]["grad_accum_dtype"] == "fp32"
+    # Gradients are all-reduced in fp32, also where nothing else would be fp32 (ZeRO-1, one micro batch per step).
+    one_micro = runs["zero1_bf16_one_micro"]
+    assert one_micro["accumulation"] == 1 and one_micro["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert {r["communication_dtype"] for r in runs.values()} == {"torch.float32"}
+    assert np.mean(one_micro["losses"][-5:]) < 0.9 * np.mean(one_micro["losses"][:5])  # and it trains
     assert fp32[-5:].mean() < 0.9 * fp32[:5].mean(), fp32  # the reference trains
     gap = np.abs(bf16 - fp32) / fp32
     # bf16 weights and activations round every value to 2^-9 relative; measured: each step's loss within 1.9e-3

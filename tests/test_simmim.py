@@ -192,6 +192,26 @@ def test_loss_with_normalised_target():
         torch.testing.assert_close(shown, raw.double() * std + mean, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm_target", [None, 15])
+def test_bf16_model_builds_its_target_from_float32_images(norm_target):
+    """DeepSpeed's bf16 casts the weights and adds no autocast. Given float32 images, a bf16 SimMIM rounds only the
+    encoder's copy: its loss is the float64 L1 between its own (bf16) prediction and the target of the float32
+    images, not of their bf16 rounding (which would move the target by up to 2^-9 relative per pixel)."""
+    model = tiny_simmim(norm_target=norm_target).bfloat16()
+    images, mask = torch.randn(2, 3, 64, 64), masks(64, 2)
+    with torch.no_grad():
+        raw = model.reconstruct(images, mask, target_space=True)
+        assert raw.dtype == torch.bfloat16  # the encoder and decoder ran in bf16
+        torch.testing.assert_close(raw, model.reconstruct(images.bfloat16(), mask, target_space=True), rtol=0, atol=0)
+        exact = images.double() if norm_target is None else local_normalize(images.double(), norm_target)
+        rounded = images.bfloat16().double()
+        rounded = rounded if norm_target is None else local_normalize(rounded, norm_target)
+        loss = model(images, mask).double()
+    want, bf16_target = reference_loss(exact, raw, mask, 4), reference_loss(rounded, raw, mask, 4)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    assert abs(float(loss - bf16_target)) > 20 * abs(float(loss - want))  # the test tells the two apart
+
+
 def test_decoder_stride_follows_the_encoder():
     for depths, stride in [((1, 1, 1), 16), ((1, 1), 8)]:
         heads = (1, 2, 4)[: len(depths)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import tarfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 from data_helpers import write_tar
 from dist_helpers import run_ranks
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import swinv2
-from simmim import MaskGenerator, SimMIM, local_normalize, normalize_images
+from simmim import MaskGenerator, SimMIM, local_normalize, normalize_images, transforms
 from simmim.heldout import HeldOutTransform, heldout_loss, key_masks
 from simmim.model import pixel_mask
 from swinv2.data import DataConfig, build_loader
@@ -145,6 +147,53 @@ def test_heldout_loss_equals_a_direct_float64_computation_on_one_and_two_ranks(t
     assert [r["count"] for r in two] == [sum(SIZES)] * 2
     assert two[0]["loss"] == two[1]["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two[0]["zero"] == two[1]["zero"] == pytest.approx(one["zero"], rel=1e-6)
+
+
+class HostConstants(TorchDispatchMode):
+    """Records the aten ops that run, and where in ``simmim/`` each tensor made from Python numbers
+    (``torch.tensor(...)``, ``aten.lift_fresh``) was built: on a GPU each is a synchronising host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.built = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        if func is torch.ops.aten.lift_fresh.default:
+            frames = [f for f in traceback.extract_stack() if "/simmim/" in f.filename]
+            self.built.append(f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "elsewhere")
+        return func(*args, **(kwargs or {}))
+
+
+def test_normalisation_constants_are_built_once_per_device():
+    """The meta device stands in for a GPU (a copy to it is an ``aten._to_copy``): after the first call the
+    normalisation on the device is the uint8 -> float32 conversion and three in-place ops, no constant copied."""
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).double(), torch.tensor([0.229, 0.224, 0.225]).double()
+    want = (pixels.double() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # ImageNet's, by hand
+    torch.testing.assert_close(normalize_images(pixels).double(), want, rtol=1e-6, atol=1e-6)
+    meta = pixels.to("meta")
+    normalize_images(meta)
+    with HostConstants() as seen:
+        out = normalize_images(meta, torch.bfloat16)
+    assert out.device.type == "meta" and out.dtype == torch.bfloat16
+    assert seen.ops == ["aten._to_copy.default", "aten.div_.Tensor", "aten.sub_.Tensor", "aten.div_.Tensor",
+                        "aten._to_copy.default"], seen.ops
+    assert transforms.imagenet_stats("meta")[1] is transforms.imagenet_stats(torch.device("meta"))[1]
+
+
+def test_heldout_loop_copies_no_constants_per_batch():
+    """Three held-out batches: the normalisation constants are built once (two tensors), and nothing else in the
+    held-out loop makes a tensor from Python numbers (the image count stays on the host until the end)."""
+    model, generator = _simmim()
+    batches = [{"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "key": [f"{i}a", f"{i}b"]}
+               for i in range(3)]
+    transforms._STATS.clear()  # a fresh process: the first batch builds the CPU constants
+    with HostConstants() as seen:
+        result = heldout_loss(model, batches, generator, torch.device("cpu"), keep=2)
+    ours = [b for b in seen.built if not b.startswith("masking.py")]  # masks are drawn on the host, as data
+    assert [b.split(":")[0] for b in ours] == ["transforms.py", "transforms.py"], seen.built
+    assert result.count == 6 and result.loss > 0
 
 
 def test_heldout_masks_are_fixed_per_image_and_differ_between_images():

@@ -58,6 +58,13 @@ def test_subclass_defaults_and_sections_survive_the_merge():
 
 @pytest.mark.parametrize("section, needle", [
     (ModelConfig(img_size=30), "model.img_size=30 must be a multiple of the patch size 4"),
+    (ModelConfig(window_size=0), "model.window_size=0 must be positive"),
+    (ModelConfig(window_size=-7), "model.window_size=-7 must be positive"),
+    (ModelConfig(name="swinv2_base_window12_129"), "e.g. swinv2_base_window12_192"),
+    (ModelConfig(depths=[2, 2], num_heads=[2, 4, 8]), "model.depths=[2, 2] and model.num_heads=[2, 4, 8] must have"),
+    (ModelConfig(num_heads=[4, 0, 16, 32]), "at least one head each"),  # the base variant's four depths
+    (OptimConfig(betas=(0.9, 1.0)), "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+    (OptimConfig(betas=(-0.1, 0.999)), "optim.betas=[-0.1, 0.999] must be two numbers in [0, 1)"),
     (ClassifierConfig(num_classes=0), "model.num_classes must be positive"),
     (OptimConfig(base_lr=0), "optim.base_lr must be positive"),
     (OptimConfig(layer_decay=1.5), "optim.layer_decay must be in (0, 1]"),
@@ -118,3 +125,14 @@ def test_create_kwargs_builds_the_classifier_as_written_by_hand():
     assert model_spec(cfg.model) == {"name": "swinv2_tiny_window8_256", "options": {
         "num_classes": 10, "img_size": 96, "window_size": 6, "pretrained_window_sizes": [4, 4, 4, 2],
         "embed_dim": 32, "depths": [2, 2, 4, 2], "num_heads": [2, 4, 8, 16]}}
+
+
+def test_a_yaml_that_is_not_a_mapping_of_sections_is_one_sentence(tmp_path):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- optim\n")
+    with pytest.raises(ConfigError, match=r"list.yaml' holds a list, not a mapping of sections"):
+        load_config(PretrainConfig, listed)
+    garbage = tmp_path / "bytes.yaml"
+    garbage.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ConfigError, match=r"bytes.yaml' cannot be read as a config"):
+        load_config(PretrainConfig, garbage)

@@ -13,33 +13,46 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from omegaconf import OmegaConf
+from dataclasses import fields
 
 from swinv2.commands import run_command
-from swinv2.finetune.config import FinetuneConfig
+from swinv2.finetune.config import ClassifierConfig, FinetuneConfig
 from swinv2.plan import gpus
 from swinv2.plan.fake import classifier_recipe, is_pretraining
 from swinv2.plan.paper import paper_table
 from swinv2.plan.planner import Cluster
 from swinv2.plan.report import cannot_fit, describe, gib, search_table, setting
 from swinv2.plan.search import fastest, plan_config, search, with_setting
-from swinv2.train.config import ConfigError, load_config
+from swinv2.train.config import ConfigError, ModelConfig, load_config, read_yaml
 
 from ..config import PretrainConfig
 from ..plan import simmim_recipe
 
-FINETUNE_KEYS = {"pretrained", "mixup", "ema", "eval"}
+
+def _only_in(schema, other, model, other_model) -> set[str]:
+    """The keys (``section`` or ``model.key``) that ``schema`` has and ``other`` has not."""
+    return ({f.name for f in fields(schema)} - {f.name for f in fields(other)}) | {
+        f"model.{f.name}" for f in fields(model) if f.name not in {g.name for g in fields(other_model)}}
+
+
+# The keys that tell the schemas apart: pretraining's simmim and probe; fine-tuning's pretrained, mixup, ema and
+# model.num_classes. Both have eval:, with different fields.
+PRETRAIN_ONLY = _only_in(PretrainConfig, FinetuneConfig, ModelConfig, ClassifierConfig)
+FINETUNE_ONLY = _only_in(FinetuneConfig, PretrainConfig, ClassifierConfig, ModelConfig)
 
 
 def load(path: str, overrides: list[str]):
-    """A fine-tuning config (it has a fine-tuning-only section) or a pretraining one, with the overrides."""
-    if not Path(path).is_file():
-        raise ConfigError(f"config file {path!r} does not exist: pass an existing --config YAML")
-    raw = OmegaConf.load(path) or {}
-    finetune = bool(FINETUNE_KEYS & set(raw)) or "num_classes" in raw.get("model", {})
-    return load_config(FinetuneConfig if finetune else PretrainConfig, path, overrides)
+    """The config of ``path`` plus the overrides, with the schema that has its keys: fine-tuning's when it names a
+    key only that one has, else pretraining's."""
+    raw = read_yaml(path)
+    model = raw.get("model") if hasattr(raw.get("model"), "keys") else {}
+    keys = {str(k) for k in raw.keys()} | {f"model.{k}" for k in model.keys()}
+    keys |= {o.split("=", 1)[0].strip() for o in overrides} | {o.split(".", 1)[0] for o in overrides}
+    both = sorted(keys & PRETRAIN_ONLY), sorted(keys & FINETUNE_ONLY)
+    if all(both):
+        raise ConfigError(f"config {path!r} mixes pretraining keys ({', '.join(both[0])}) and fine-tuning keys "
+                          f"({', '.join(both[1])}): a config is one or the other, so drop one kind")
+    return load_config(FinetuneConfig if both[1] else PretrainConfig, path, overrides)
 
 
 def recipe_for(cfg):
@@ -69,7 +82,7 @@ def cluster_for(args: argparse.Namespace, cfg) -> Cluster:
         if args.gpu_memory <= 0:
             raise ConfigError(f"--gpu-memory {args.gpu_memory:g} must be positive GiB, e.g. --gpu-memory 40")
         gpu = gpus.custom_gpu(args.gpu_memory, gpu)
-    world = args.gpus or max(1, cfg.deepspeed.global_batch // cfg.data.batch_size)
+    world = args.gpus if args.gpus is not None else max(1, cfg.deepspeed.global_batch // cfg.data.batch_size)
     if world < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
         raise ConfigError("--gpus and --gpus-per-node must be positive and --mfu in (0, 1]: e.g. --gpus 64 --mfu 0.4")
     return Cluster(gpu, world, args.gpus_per_node, args.mfu, args.intra_node_gbps, args.inter_node_gbps)

@@ -30,7 +30,7 @@ def _pretrain(argv: list[str] | None) -> int:
     from ..pretrain import pretrain  # imports DeepSpeed: after main() quieted its repeated notice
 
     end = pretrain(cfg)  # raises ConfigError too, for checks that need the world size or the checkpoint
-    return 0 if end.reason in ("done", "max_steps", "preempted") else 1
+    return end.exit_status  # 130 after Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:

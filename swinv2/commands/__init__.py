@@ -51,8 +51,8 @@ def run_command(command: Command, argv: list[str] | None = None, *, user_errors:
                 write_errors: Errors | None = None, prog: str | None = None) -> int:
     """``command(argv)``'s exit status, with its errors sorted: one of ``user_errors`` (default: the typed ones)
     -> one sentence and 2; one of ``write_errors`` (default: a failed checkpoint write; every rank says so and
-    exits, none waits) -> one sentence and 1; anything else propagates with its traceback (a bug; Python exits
-    with 1). argparse's usage errors are ``SystemExit(2)`` and pass through untouched."""
+    exits, none waits) -> one sentence and 1; Ctrl-C -> one line and 130; anything else propagates with its
+    traceback (a bug; Python exits with 1). argparse's usage errors are ``SystemExit(2)`` and pass through untouched."""
     user_errors = typed_user_errors() if user_errors is None else user_errors
     write_errors = checkpoint_write_errors() if write_errors is None else write_errors
     try:
@@ -63,3 +63,6 @@ def run_command(command: Command, argv: list[str] | None = None, *, user_errors:
     except write_errors as error:
         say_error(error, prog)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C (twice in a training run: the first one checkpoints): no traceback
+        print(f"{prog + ': ' if prog else ''}stopped by Ctrl-C\n", end="", file=sys.stderr, flush=True)
+        return 130

@@ -47,6 +47,9 @@ def _evaluate(argv: list[str] | None) -> int:
     parser.add_argument("--json", help="also write the metrics to this JSON file (rank 0)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.data.strip():
+        raise ValueError("--data is empty: pass the evaluation shards, e.g. --data demo:val, a folder of shards or "
+                         "--data 'val-{0000..0063}.tar'")
     rank, world = init_distributed()
     if Path(args.checkpoint).is_dir():
         locate(args.checkpoint)  # a folder without a complete checkpoint: say that before asking for --model

@@ -31,7 +31,7 @@ def _finetune(argv: list[str] | None) -> int:
     from ..finetune.run import finetune  # imports DeepSpeed: after main() quieted its repeated notice
 
     result = finetune(load_finetune_config(args.config, args.overrides))
-    return 0 if result.end.reason in ("done", "max_steps", "preempted") else 1
+    return result.end.exit_status  # 130 after Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:

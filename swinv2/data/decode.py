@@ -28,6 +28,35 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def decode_limit() -> int | None:
+    """The most pixels an image may decode to: PIL's own decompression-bomb limit, twice ``Image.MAX_IMAGE_PIXELS``
+    (about 179 M pixels, 537 MB as RGB); ``None`` when the user switched PIL's limit off."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def open_unchecked(data: bytes) -> Image.Image:
+    """Open image bytes (the header only) without PIL's size check at open.
+
+    For a caller that may reduce the decode first (``Image.draft``: a 20000 x 20000 JPEG decodes at 1/8 scale,
+    2500 x 2500) and then checks the size that will really be decoded with :func:`check_pixels`.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # checked by the caller, on the size it will decode
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_pixels(size: tuple[int, int], original: tuple[int, int] | None = None) -> None:
+    """Raise ``ValueError`` when decoding ``size`` pixels exceeds :func:`decode_limit`."""
+    limit = decode_limit()
+    if limit and size[0] * size[1] > limit:
+        reduced = "" if original in (None, size) else f" (reduced from {original[0]} x {original[1]})"
+        raise ValueError(f"{size[0]} x {size[1]} pixels{reduced} is more than the {limit} that are decoded at most "
+                         "(2 x PIL.Image.MAX_IMAGE_PIXELS, its decompression-bomb limit)")
+
+
 def image_bytes(sample: dict[str, Any]) -> bytes:
     """The image payload of a webdataset sample, whichever image extension it was stored under."""
     for key in IMAGE_KEYS:

@@ -20,16 +20,27 @@ each batch carries how many samples its worker skipped since its previous batch 
 and a worker that skips samples after its last batch sends one empty batch holding just that count. The
 loader strips these fields, adds them up in the main process (:attr:`ShardLoader.skipped`) and never yields
 the empty batches. Counting this way is exact, needs no shared memory and works with any start method.
+
+Workers are persistent: forked once, they read each epoch's number (and the resume step that salts the first
+epoch of a resumed run, so a crash-resume does not replay that epoch's batches) from a small shared-memory tensor
+at the start of every epoch, so their streams are the ones fresh workers would run. They ignore the signals meant
+for the training process (SIGTERM, SIGUSR1, SIGINT: it finishes its step and checkpoints), die with it (Linux
+parent-death signal, and a parent-pid check), and :meth:`ShardLoader.close` (run on every exit, also at interpreter
+exit) stops them, killing any that do not stop, so no exit path waits on a stuck worker.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import hashlib
 import logging
 import math
 import os
 import random
 import signal
+import sys
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
@@ -38,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .config import DataConfig
 from .decode import decode_image, image_bytes, label_of
@@ -68,10 +79,44 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return rank, world_size
 
 
-def stream_seed(seed: int, rank: int, worker: int, epoch: int) -> int:
-    """A 63-bit seed unique to (seed, rank, worker, epoch); hashing keeps nearby tuples unrelated."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{worker}/{epoch}".encode(), digest_size=8).digest()
+def stream_seed(seed: int, rank: int, worker: int, epoch: int, resumed_at: int = 0) -> int:
+    """A 63-bit seed unique to (seed, rank, worker, epoch), and to the resume step ``resumed_at`` when not 0 (the
+    first epoch of a resumed run: a fresh stream, not the one the crashed run already trained on); hashing keeps
+    nearby tuples unrelated."""
+    salt = f"/resumed{resumed_at}" if resumed_at else ""  # 0 keeps the seeds of runs that never resumed
+    digest = hashlib.blake2b(f"{seed}/{rank}/{worker}/{epoch}{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+# The shared-memory slots a stream's persistent workers read (and write: their pids, for ShardLoader.close).
+_EPOCH, _RESUMED_AT, _PARENT, _PIDS = 0, 1, 2, 3
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_worker_ready_in = 0  # the pid of the worker process whose signals are already set up (forked copies differ)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker die with the process that forked it, even if that one is killed (SIGKILL leaves no chance
+    to stop its workers): Linux's parent-death signal, then a check that the parent did not die before it was set."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the per-batch parent-pid check below still ends the worker
+            pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _enter_worker(parent: int) -> None:
+    """Once per worker process: ignore the training process's signals and die with it."""
+    global _worker_ready_in
+    if _worker_ready_in == os.getpid():
+        return
+    # Preemption signals and Ctrl-C are for the training process, which finishes its step and checkpoints; a
+    # worker dying of one would fail that step. ShardLoader.close ends the workers.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent(parent)
+    _worker_ready_in = os.getpid()
 
 
 def worker_share(total: int, worker: int, num_workers: int) -> int:
@@ -122,29 +167,62 @@ class ShardStream(IterableDataset):
     """One rank's stream of collated batches (dicts); each DataLoader worker runs its own share of it."""
 
     def __init__(self, urls: list[str], kind: Kind, cfg: DataConfig, transform: Callable, rank: int,
-                 world_size: int, batch_size: int, batches_per_epoch: int | None, img_size: int):
+                 world_size: int, batch_size: int, batches_per_epoch: int | None, img_size: int,
+                 num_workers: int = 0):
         super().__init__()
         self.urls, self.kind, self.cfg, self.transform = urls, kind, cfg, transform
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.epoch = 0  # set by ShardLoader before each epoch; workers get a fresh copy per epoch
         self.min_side = math.ceil(cfg.draft_factor * img_size) if cfg.draft_factor else 0
         self.shard_sizes = shard_sizes(urls)  # samples per shard (dataset.json), to count what a broken one lost
+        # Persistent workers hold a copy of this stream made once: what changes per epoch lives in shared memory.
+        self.shared = torch.zeros(_PIDS + max(num_workers, 1), dtype=torch.int64).share_memory_()
+        self.shared[_PARENT] = os.getpid()
+        self._parent = 0  # in a worker: the training process's pid, checked before every batch
+
+    @property
+    def epoch(self) -> int:
+        """The data epoch the next iteration runs (set by ShardLoader before each epoch)."""
+        return int(self.shared[_EPOCH])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.shared[_EPOCH] = value
+
+    @property
+    def resumed_at(self) -> int:
+        """The resume step salting the next iteration's stream (0: none; see :func:`stream_seed`)."""
+        return int(self.shared[_RESUMED_AT])
+
+    @resumed_at.setter
+    def resumed_at(self, value: int) -> None:
+        self.shared[_RESUMED_AT] = value
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes that ran this stream (0 for a slot never used)."""
+        return [int(p) for p in self.shared[_PIDS:]]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        seed = stream_seed(self.cfg.seed, self.rank, worker, self.epoch)
+        epoch, resumed_at = self.epoch, self.resumed_at  # read once: the main process may set the next epoch's
         if info is not None:
+            self._parent = int(self.shared[_PARENT])
+            _enter_worker(self._parent)
+            self.shared[_PIDS + worker] = os.getpid()
+            seed = stream_seed(self.cfg.seed, self.rank, worker, epoch, resumed_at)
             # Augmentations draw from the global RNGs; DataLoader would seed them from the main process's torch
             # RNG, which is identical on every rank when the training script seeds all ranks alike.
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
-            # Preemption signals are for the training process, which finishes its step and checkpoints; a worker
-            # dying of one would fail that step. Workers end with their parent anyway.
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
+        yield from self.worker_batches(worker, num_workers, epoch, resumed_at)
+
+    def worker_batches(self, worker: int, num_workers: int, epoch: int, resumed_at: int = 0
+                       ) -> Iterator[dict[str, Any]]:
+        """The batches worker ``worker`` of ``num_workers`` produces in ``epoch`` (salted by ``resumed_at``); a
+        DataLoader yields its workers' batches in turn (batch i from worker i % num_workers)."""
+        seed = stream_seed(self.cfg.seed, self.rank, worker, epoch, resumed_at)
         tally = _Tally(self.cfg.max_consecutive_errors)
         if self.batches_per_epoch is None:
             mine = list(islice(islice(self.urls, self.rank, None, self.world_size), worker, None, num_workers))
@@ -212,6 +290,8 @@ class ShardStream(IterableDataset):
         buf: list[dict[str, Any]] = []
         done = 0
         for item in items:
+            if self._parent and os.getppid() != self._parent:
+                return  # the training process is gone (no parent-death signal here): nobody reads our batches
             buf.append(item)
             if len(buf) == self.batch_size:
                 yield _with_tally(collate(buf), tally)
@@ -257,17 +337,26 @@ class ShardLoader:
         expected_samples: for evaluation, this rank's sample count from ``dataset.json`` when known.
     """
 
-    def __init__(self, stream: ShardStream, loader: wds.WebLoader, num_batches: int | None,
+    def __init__(self, stream: ShardStream, loader: DataLoader, num_batches: int | None,
                  expected_samples: int | None):
         self.stream, self.loader = stream, loader
         self.num_batches, self.expected_samples = num_batches, expected_samples
-        self.epoch, self._next_epoch = -1, 0
+        self.epoch, self._next_epoch, self._resumed_at = -1, 0, 0
         self.num_samples = self.epoch_skipped = self.skipped = 0
         self.errors: deque[str] = deque(maxlen=50)
+        _close_at_exit(self)
+        weakref.finalize(self, _stop_workers, loader, stream)  # holds no reference to self
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (its streams depend on (seed, rank, worker, epoch))."""
-        self._next_epoch = epoch
+    def set_epoch(self, epoch: int, resumed_at: int = 0) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (its streams depend on (seed, rank, worker, epoch)); a
+        resumed run passes its resume step as ``resumed_at`` for its first epoch, which then gets a fresh stream
+        instead of replaying the batches the run already trained on before it stopped."""
+        self._next_epoch, self._resumed_at = epoch, resumed_at
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (they are persistent); a later ``iter()`` starts new ones. Runs
+        by itself when the loader is garbage-collected and at interpreter exit."""
+        _stop_workers(self.loader, self.stream)
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -275,7 +364,9 @@ class ShardLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Set before iter(self.loader), which tells the persistent workers to start the next epoch.
         self.epoch = self.stream.epoch = self._next_epoch
+        self.stream.resumed_at, self._resumed_at = self._resumed_at, 0
         self._next_epoch += 1
         self.num_samples = self.epoch_skipped = 0
         for batch in self.loader:
@@ -303,6 +394,55 @@ class ShardLoader:
             self.errors.append(message)
         self.epoch_skipped += skipped
         self.skipped += skipped
+
+
+_open_loaders: weakref.WeakSet[ShardLoader] = weakref.WeakSet()
+
+
+def _close_at_exit(loader: ShardLoader) -> None:
+    """Close ``loader`` at interpreter exit if it is still open, before multiprocessing's own exit handler (atexit
+    runs the last registered first) waits for its workers: an exception, a broken stdout pipe or sys.exit never
+    waits on a stuck worker."""
+    if not _open_loaders:
+        atexit.unregister(_close_all)
+        atexit.register(_close_all)
+    _open_loaders.add(loader)
+
+
+def _close_all() -> None:
+    for loader in list(_open_loaders):
+        try:
+            loader.close()
+        except Exception as error:  # noqa: BLE001 - at exit: say so, and go on closing the others
+            log.warning("could not stop the workers of a data loader at exit: %s", error)
+
+
+def _stop_workers(loader: DataLoader, stream: ShardStream) -> None:
+    """torch's own shutdown of ``loader``'s persistent workers (through a private method, when this torch has it),
+    then SIGKILL for any worker left alive: ours ignore SIGTERM, and one stuck in a read would otherwise keep the
+    process in multiprocessing's exit handler, which joins every worker, forever."""
+    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    if iterator is not None:
+        loader._iterator = None
+    _kill_children(stream.worker_pids())
+    stream.shared[_PIDS:] = 0
+
+
+def _kill_children(pids: list[int]) -> None:
+    """SIGKILL those of ``pids`` that are still running children of this process (a pid of ours is not reused
+    until multiprocessing reaps it, which it does when it joins the worker)."""
+    import psutil
+
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            if pid and process.ppid() == os.getpid() and process.status() != psutil.STATUS_ZOMBIE:
+                process.kill()
+        except psutil.Error:  # already gone
+            pass
 
 
 def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", transform: Callable | None = None,
@@ -356,15 +496,16 @@ def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", tran
             raise DataError(f"an epoch of {per_rank} samples per rank is less than one batch of {batch_size}; "
                              "raise data.samples_per_epoch or lower data.batch_size.")
 
-    stream = ShardStream(shard_urls, kind, cfg, transform, rank, world_size, batch_size, num_batches, img_size)
     workers = cfg.num_workers
-    loader = wds.WebLoader(
+    stream = ShardStream(shard_urls, kind, cfg, transform, rank, world_size, batch_size, num_batches, img_size,
+                         workers)
+    loader = DataLoader(
         stream,
         batch_size=None,  # the stream batches inside each worker
         num_workers=workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-        persistent_workers=False,  # fresh workers each epoch pick up the new epoch number
+        persistent_workers=workers > 0,  # forked once; each epoch's number reaches them through stream.shared
         timeout=cfg.timeout_s if workers > 0 else 0,
     )
     return ShardLoader(stream, loader, num_batches, expected)

@@ -9,7 +9,9 @@ when labelled; keys are the zero-padded sample index.
 Nothing half-written is ever visible: each shard is written as ``<name>.partial`` and renamed when complete,
 ``dataset.json`` is written last and atomically, and a (re-)run first removes the index, the shards and the
 stale ``.partial`` files of the same output pattern, so an interrupted run leaves only complete shards and no
-index that could describe them wrongly.
+index that could describe them wrongly. Only files this writer wrote are ever removed: those listed in the
+folder's ``dataset.json`` or, for an interrupted run, in ``dataset.json.partial`` (the names a run is writing,
+recorded before each shard is opened). A folder holding other files named like the pattern is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..files import AtomicPath, write_text_atomic
+from .decode import check_pixels, open_unchecked
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 # PIL format -> webdataset extension for originals kept as they are. MPO is what PIL calls many camera JPEGs.
@@ -40,6 +43,7 @@ FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": 
               "PPM": "ppm"}
 INDEX_NAME = "dataset.json"
 PARTIAL = ".partial"
+JOURNAL = INDEX_NAME + PARTIAL  # the shards a run is writing, so that a re-run after a crash may remove them
 _BLOCK, _RECORD = 512, 10240  # tar block and record sizes (a closed tar is padded to whole records)
 
 
@@ -142,16 +146,26 @@ def prepare_image(job: tuple[str, int | None, int]) -> tuple[str | None, bytes |
     """Read one image (in a pool worker): ``(ext, bytes, None)`` or ``(None, None, reason)`` when unreadable.
 
     Without ``resize`` the original bytes are kept after a full trial decode; with it, images whose shorter
-    side exceeds ``resize`` (and non-JPEGs) are re-encoded as JPEG with that shorter side.
+    side exceeds ``resize`` (and non-JPEGs) are re-encoded as JPEG with that shorter side. No image decodes to more
+    than :func:`~.decode.decode_limit` pixels; with ``resize`` a JPEG decodes at 1/2..1/8 scale first, so photos
+    up to 64 times that (e.g. 20000 x 20000) are kept, reduced.
     """
     path, resize, quality = job
     try:
         with open(path, "rb") as f:
             data = f.read()
-        img = Image.open(io.BytesIO(data))
+        img = open_unchecked(data)  # its size is checked below, once it is known how much will be decoded
+        original = img.size
         ext = FORMAT_EXT.get(img.format or "")
-        if ext is None or (resize and (ext != "jpg" or min(img.size) > resize)):
+        if ext is None or (resize and (ext != "jpg" or min(original) > resize)):
+            if resize and img.format == "JPEG":
+                img.draft("RGB", (resize, resize))  # decode a big JPEG at a reduced scale that still covers resize
+            check_pixels(img.size, original)
             return "jpg", encode_jpeg(img, resize, quality), None
+        try:
+            check_pixels(original)  # kept as it is: the training pipeline decodes it whole
+        except ValueError as error:
+            raise ValueError(f"{error}; with --resize a JPEG is decoded reduced") from None
         if ext == "jpg":
             img.draft("RGB", (64, 64))  # the trial decode at 1/8 scale still reads every byte of the stream
         img.load()
@@ -211,9 +225,10 @@ class ShardSink:
     manager: a clean exit completes the last shard, an exception removes the incomplete one.
     """
 
-    def __init__(self, pattern: str, max_samples: int, max_bytes: int, key_width: int = 9, mtime: int = 946684800):
+    def __init__(self, pattern: str, max_samples: int, max_bytes: int, key_width: int = 9, mtime: int = 946684800,
+                 journal: bool = False):
         check_pattern(pattern)
-        self.pattern, self.max_samples, self.max_bytes = pattern, max_samples, max_bytes
+        self.pattern, self.max_samples, self.max_bytes, self.journal = pattern, max_samples, max_bytes, journal
         # A fixed integer mtime makes shards reproducible byte for byte; a float one would add a pax header per file.
         self.key_width, self.mtime = key_width, int(mtime)
         self.shards: list[dict[str, Any]] = []
@@ -236,6 +251,10 @@ class ShardSink:
 
     def _start(self) -> None:
         final = self.pattern % len(self.shards)
+        if self.journal:  # recorded before the file exists: whatever a crash leaves is listed as ours
+            names = [s["name"] for s in self.shards] + [os.path.basename(final)]
+            write_text_atomic(os.path.join(os.path.dirname(self.pattern), JOURNAL),
+                              json.dumps({"pattern": os.path.basename(self.pattern), "shards": names}) + "\n")
         self._target = AtomicPath(final, temp=final + PARTIAL)
         self._file = open(self._target.temp, "wb")
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=self.mtime, user="swinv2", group="swinv2")
@@ -272,30 +291,68 @@ class ShardSink:
         return [os.path.join(folder, s["name"]) for s in self.shards]
 
 
-def clear_output(pattern: str) -> list[str]:
-    """Make ``pattern``'s folder ready for a fresh run: remove its index, shards and stale ``.partial`` files.
+def _written_by_us(folder: Path, pattern: str) -> set[str]:
+    """The shard names this folder's ``dataset.json`` and ``dataset.json.partial`` list for ``pattern``.
 
-    Refuses (``ValueError``) when the folder's ``dataset.json`` belongs to a different pattern: each split needs
-    its own folder, since ``dataset.json`` and folder URLs describe one split.
+    Refuses (``ValueError``) an index of a different pattern: each split needs its own folder, since
+    ``dataset.json`` and folder URLs describe one split.
+    """
+    names: set[str] = set()
+    for path in (folder / INDEX_NAME, folder / JOURNAL):
+        if not path.exists():
+            continue
+        try:
+            listing = json.loads(path.read_text())
+            other, shards = listing.get("pattern"), [s if isinstance(s, str) else s["name"] for s in listing["shards"]]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue  # unreadable: it vouches for nothing
+        if other is None:
+            continue
+        if other != os.path.basename(pattern):
+            raise ValueError(f"{str(folder)!r} already holds shards written as {other!r}; write each split into "
+                             "its own folder.")
+        names.update(str(name) for name in shards)
+    return names
+
+
+def clear_output(pattern: str) -> list[str]:
+    """Make ``pattern``'s folder ready for a fresh run: remove its index and the shards and stale ``.partial``
+    files it lists; return the removed paths.
+
+    Refuses (``ValueError``, nothing removed) a folder holding files named like the pattern that no index of ours
+    lists: they are someone else's (``%d.tar`` matches a user's ``2023.tar``).
     """
     match = check_pattern(pattern)
     folder = Path(os.path.dirname(pattern) or ".")
-    folder.mkdir(parents=True, exist_ok=True)
-    index = folder / INDEX_NAME
-    if index.exists():
-        try:
-            other = json.loads(index.read_text()).get("pattern")
-        except (OSError, ValueError, AttributeError):
-            other = None
-        if other not in (None, os.path.basename(pattern)):
-            raise ValueError(f"{str(folder)!r} already holds shards written as {other!r}; write each split into "
-                             "its own folder.")
-    ours = re.compile(re.escape(match.group(1)) + r"\d+" + re.escape(match.group(3)) + f"({re.escape(PARTIAL)})?")
-    removed = [str(p) for p in sorted(folder.iterdir()) if p.is_file() and ours.fullmatch(p.name)]
-    for path in removed:
-        os.unlink(path)
-    index.unlink(missing_ok=True)
-    return removed
+    ours = _written_by_us(folder, pattern)
+    named = re.compile(re.escape(match.group(1)) + r"\d+" + re.escape(match.group(3)) + f"({re.escape(PARTIAL)})?")
+    matching = sorted(p for p in folder.iterdir() if named.fullmatch(p.name))
+    strangers = [p for p in matching if p.name.removesuffix(PARTIAL) not in ours]
+    if strangers:
+        raise ValueError(f"{str(folder)!r} holds {len(strangers)} file(s) named like the output pattern that "
+                         f"make_shards did not write (e.g. {strangers[0].name!r}), which it will not overwrite or "
+                         "delete; move them away or write into another folder.")
+    for path in matching:
+        path.unlink()
+    (folder / INDEX_NAME).unlink(missing_ok=True)  # last: until here it lists what is left
+    (folder / JOURNAL).unlink(missing_ok=True)
+    return [str(p) for p in matching]
+
+
+def prepare_folder(pattern: str) -> None:
+    """Create the output folder and prove it writable, or raise ``ValueError`` in one sentence (nothing written)."""
+    folder = Path(os.path.dirname(pattern) or ".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{INDEX_NAME}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"output folder {str(folder)!r} (or a folder above it) is an existing file: give a pattern "
+                         "in a folder, e.g. shards/train/train-%06d.tar.") from None
+    except OSError as error:
+        raise ValueError(f"cannot write into output folder {str(folder)!r} ({error.strerror}): choose a folder you "
+                         "can write to or fix its permissions.") from None
 
 
 def write_index(pattern: str, meta: dict[str, Any]) -> str:
@@ -303,6 +360,7 @@ def write_index(pattern: str, meta: dict[str, Any]) -> str:
     path = os.path.join(os.path.dirname(pattern), INDEX_NAME)
     text = json.dumps({"pattern": os.path.basename(pattern), **meta}, indent=1) + "\n"
     write_text_atomic(path, text)
+    Path(path + PARTIAL).unlink(missing_ok=True)  # the index now lists every shard
     return path
 
 
@@ -340,12 +398,13 @@ def write_shards(src: str | os.PathLike, pattern: str, *, max_samples: int = 100
     items, classes = list_source(src)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
+    prepare_folder(pattern)
     clear_output(pattern)
     skipped: list[tuple[str, str]] = []
     jobs = [(path, resize, quality) for path, _ in items]
     bar = tqdm(total=len(items), unit="img", desc="writing shards", disable=not progress)
     with _prepared(jobs, workers) as results, ShardSink(pattern, max_samples, max_bytes,
-                                                        key_width=max(6, len(str(len(items))))) as sink:
+                                                        key_width=max(6, len(str(len(items)))), journal=True) as sink:
         for (path, label), (ext, data, error) in zip(items, results, strict=True):
             bar.update()
             if error is not None:

@@ -106,15 +106,18 @@ def step_time(cfg: TrainConfig, measured: Measured, cluster: Cluster, micro_batc
     if cfg.model.checkpoint_activations:
         flops += measured.recompute_flops(micro_batch)
     compute = accumulation * flops / (cluster.gpu.peak[ds.precision] * cluster.mfu)
-    model_bytes = measured.params * BYTES[ds.precision]
+    # Gradients travel in float32 (our DeepSpeed config sets communication_data_type), weights in the training dtype.
+    grad_bytes, weight_bytes = measured.params * 4, measured.params * BYTES[ds.precision]
     if uses_bf16_optimizer(cfg, cluster.world):
-        volume = 3 * model_bytes  # BF16_Optimizer: all-reduce of the gradients, then all-gather of the weights
-    elif ds.zero_stage <= 1:
-        volume = 2 * model_bytes  # all-reduce (ZeRO-0) or reduce-scatter + all-gather (ZeRO-1), once per step
+        volume = 2 * grad_bytes + weight_bytes  # BF16_Optimizer: all-reduce of the gradients, all-gather of weights
+    elif ds.zero_stage == 0:
+        volume = 2 * grad_bytes  # all-reduce, once per step
+    elif ds.zero_stage == 1:
+        volume = grad_bytes + weight_bytes  # reduce-scatter of the gradients + all-gather of the weights, per step
     elif ds.zero_stage == 2:
-        volume = accumulation * model_bytes + model_bytes  # reduce-scatter per micro batch, all-gather per step
+        volume = accumulation * grad_bytes + weight_bytes  # reduce-scatter per micro batch, all-gather per step
     else:
-        volume = accumulation * 3 * model_bytes  # all-gather in forward and backward, reduce-scatter
+        volume = accumulation * (2 * weight_bytes + grad_bytes)  # all-gather in forward and backward, reduce-scatter
     world = cluster.world
     comm = volume * (world - 1) / world / cluster.bandwidth if world > 1 else 0.0
     return compute, comm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..train.config import TrainConfig
 from .gpus import CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB
 from .planner import Cluster, Plan
@@ -16,6 +18,18 @@ EXPLAIN = {
     "transient": "on top in the backward: one block's recompute and largest tensor, DeepSpeed's buckets",
     "allowance": f"CUDA context and NCCL ({CUDA_CONTEXT_BYTES / GIB:g} GiB) + {FRAGMENTATION:.0%} allocator slack",
 }
+
+# Images per second one DataLoader worker delivers: the SimMIM 192 px pipeline on 256 px shards, 495-590 per worker
+# by benchmarks/loader_speed.py (benchmarks/RESULTS.md, "Input pipeline speed", a 2-core VM); a GPU host's cores
+# differ, so the planner says what it assumed.
+LOADER_IMAGES_PER_WORKER = 500.0
+
+
+def loader_workers(plan: Plan, per_worker: float = LOADER_IMAGES_PER_WORKER) -> tuple[float, int]:
+    """``(images/s one GPU trains at the plan's step time, DataLoader workers per GPU that deliver them)``: the step
+    time is the model's training FLOPs over the GPU's peak x MFU, plus ZeRO communication."""
+    rate = plan.micro_batch * plan.accumulation / plan.step_seconds
+    return rate, max(1, math.ceil(rate / per_worker))
 
 
 def gib(n: float) -> str:
@@ -43,6 +57,9 @@ def describe(plan: Plan, cluster: Cluster, title: str) -> str:
                  f"batch that fits: {plan.max_micro_batch}")
     lines.append(f"  step: {plan.step_seconds:.2f} s = {plan.compute_seconds:.2f} s compute (MFU {cluster.mfu:g}) "
                  f"+ {plan.comm_seconds:.2f} s ZeRO communication (not overlapped)")
+    rate, workers = loader_workers(plan)
+    lines.append(f"  data: {rate:,.0f} images/s per GPU need {workers} DataLoader workers per GPU (data.num_workers) "
+                 f"at {LOADER_IMAGES_PER_WORKER:g} images/s each (benchmarks/loader_speed.py; measure your host's)")
     return "\n".join(lines)
 
 

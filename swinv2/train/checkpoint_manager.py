@@ -1,10 +1,12 @@
 """DeepSpeed checkpoints that are never half-used: a checkpoint counts only once its ``complete.json`` exists.
 
 Layout: ``<dir>/step00000123/`` as written by ``engine.save_checkpoint`` (all ranks), then ``complete.json``
-(written by rank 0 after a barrier, via a temporary name and a rename) holding the client state summary, and
-``<dir>/latest`` naming it. A kill at any moment leaves the previous complete checkpoint as the one resumed from;
-unfinished directories are removed by the next save. Resuming at a different world size goes through DeepSpeed's
-universal checkpoint (converted on the fly, once, into ``<tag>_universal``).
+(written by rank 0 after a barrier, via a temporary name and a rename) holding the client state summary and the
+size of every file of the checkpoint, and ``<dir>/latest`` naming it. A kill at any moment leaves the previous
+complete checkpoint as the one resumed from; unfinished directories are removed by the next save. A checkpoint
+damaged later (a file deleted or cut short, a broken ``complete.json``) is skipped for the newest intact one.
+Resuming at a different world size goes through DeepSpeed's universal checkpoint (converted on the fly, once, into
+``<tag>_universal``).
 
 Every DeepSpeed read (loading, the universal conversion) is weights-only (:mod:`.safe_load`). A save first checks
 on every rank that the disk has room for it, and a write that fails anyway (a full disk) ends every rank with
@@ -31,7 +33,8 @@ from deepspeed.checkpoint.constants import (
 )
 
 from ..files import AtomicPath, write_text_atomic
-from .safe_load import weights_only_loads
+from .config import ConfigError
+from .safe_load import check_weights_only, weights_only_loads
 
 MARKER = "complete.json"
 TAG = re.compile(r"^step(\d{8,})$")
@@ -91,16 +94,52 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.keep_last, self.rank = keep_last, rank
 
-    def complete_tags(self) -> list[str]:
-        """Complete checkpoints, oldest first."""
+    def marked_tags(self) -> list[str]:
+        """Checkpoints that have a ``complete.json``, intact or not, oldest first."""
         if not self.dir.is_dir():
             return []
         tags = [p.name for p in self.dir.iterdir() if TAG.match(p.name) and (p / MARKER).is_file()]
         return sorted(tags, key=lambda t: int(TAG.match(t).group(1)))
 
+    def complete_tags(self) -> list[str]:
+        """Complete, intact checkpoints (:meth:`damage`), oldest first."""
+        return [tag for tag in self.marked_tags() if not self.damage(tag)]
+
+    def damage(self, tag: str) -> str:
+        """Why checkpoint ``tag`` cannot be resumed from ('' if it can): its ``complete.json`` must parse and every
+        file it lists must be there with the size it had when saved (a cheap check, no file is read)."""
+        folder = self.dir / tag
+        try:
+            meta = json.loads((folder / MARKER).read_text())
+            int(meta["step"]), int(meta["world_size"])
+            files = dict(meta.get("files", {}))  # absent in checkpoints written before sizes were recorded
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"its {MARKER} is unreadable or incomplete ({type(error).__name__}: {str(error)[:80]})"
+        for name, size in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, not the {size} it was saved with"
+        return ""
+
     def resume_point(self, world_size: int) -> ResumePoint | None:
-        """The newest complete checkpoint, or None; converted to a universal checkpoint if the world size changed."""
-        tags = self.complete_tags()
+        """The newest intact checkpoint, or None; converted to a universal checkpoint if the world size changed.
+
+        Damaged newer ones (a deleted or cut file, a broken ``complete.json``) are skipped, each named with its
+        damage; if every one is damaged, a :class:`ConfigError` says so."""
+        tags, damaged = [], []
+        for tag in reversed(self.marked_tags()):
+            why = self.damage(tag)
+            if not why:
+                tags = [tag]
+                break
+            damaged.append(f"checkpoint {self.dir / tag} is damaged ({why})")
+        if damaged and not tags:
+            raise ConfigError(f"{'; '.join(damaged)}, and no intact one is left to resume from: restore it, or "
+                              "start over with resume=false (or another run.output_dir)")
+        if damaged and self.rank == 0:
+            print(f"{'; '.join(damaged)}: skipped, resuming from {self.dir / tags[0]} instead", flush=True)
         if not tags:
             return None
         tag = tags[-1]
@@ -127,6 +166,7 @@ class CheckpointManager:
 
     def _convert_to_universal(self, tag: str, staging: Path) -> None:
         """DeepSpeed's universal conversion of checkpoint ``tag`` into the folder ``staging``, marker included."""
+        check_weights_only(self.dir / tag)  # a refusal names the checkpoint, here, not as the converter's traceback
         # DeepSpeed's converter, run with weights-only reads (its forked workers inherit the allow-list).
         runner = ("from swinv2.train.safe_load import run_module_weights_only as run; "
                   "run('deepspeed.checkpoint.ds_to_universal')")
@@ -180,7 +220,9 @@ class CheckpointManager:
             if self.rank == 0:
                 self.write_extras(self.dir / tag)
                 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-                meta = {"step": step, "world_size": world, **client_state}
+                folder = self.dir / tag  # every rank's files and the extras: their sizes tell an intact checkpoint
+                files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+                meta = {"step": step, "world_size": world, **client_state, "files": files}
                 write_text_atomic(self.dir / tag / MARKER, json.dumps(meta, indent=1, default=str))
                 write_text_atomic(self.dir / "latest", tag)
                 self._prune(keep=tag)

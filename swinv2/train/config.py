@@ -9,6 +9,7 @@ fail at start-up with the key's name.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.config import DataConfig
+from ..variants import VARIANTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # deepspeed.precision -> dtype
 PRECISIONS = tuple(DTYPES)
@@ -53,8 +55,20 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         """One sentence per bad option (empty when all are fine); so for every section below."""
+        if self.name not in VARIANTS:
+            close = difflib.get_close_matches(self.name, VARIANTS, n=3, cutoff=0.6) or ["swinv2_tiny_window8_256"]
+            return [f"model.name={self.name!r} is not a model: choose one of swinv2.list_models(), e.g. "
+                    f"{', '.join(close)}"]
+        variant = VARIANTS[self.name]
+        depths, heads = list(self.depths or variant["depths"]), list(self.num_heads or variant["num_heads"])
         return unmet((self.img_size > 0 and self.img_size % 4 == 0,
-                       f"model.img_size={self.img_size} must be a multiple of the patch size 4"))
+                      f"model.img_size={self.img_size} must be a multiple of the patch size 4"),
+                     (self.window_size is None or self.window_size > 0,
+                      f"model.window_size={self.window_size} must be positive (or null: the variant's)"),
+                     (self.embed_dim is None or self.embed_dim > 0, "model.embed_dim must be positive"),
+                     (len(depths) == len(heads) and min(depths, default=1) >= 0 and min(heads, default=1) > 0,
+                      f"model.depths={depths} and model.num_heads={heads} must have one entry per stage and at "
+                      "least one head each"))
 
     def create_kwargs(self, training: bool = True) -> dict[str, Any]:
         """Keyword arguments of ``swinv2.create_model(self.name, **kwargs)``. Architecture overrides left at None are
@@ -86,7 +100,10 @@ class OptimConfig:
 
     def problems(self) -> list[str]:
         return unmet((self.base_lr > 0, "optim.base_lr must be positive"),
-                      (0 < self.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"))
+                     (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                      f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
+                     (self.eps > 0, "optim.eps must be positive"),
+                     (0 < self.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"))
 
 
 @dataclass
@@ -166,6 +183,7 @@ class RunConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (or measured on the CPU)
     on_nonfinite: str = "stop"  # a non-finite loss: stop, skip the step's update, or rollback to the last checkpoint
     max_rollbacks: int = 3  # rollbacks before a non-finite loss stops the run anyway
+    max_consecutive_skips: int = 10  # on_nonfinite=skip: this many non-finite steps in a row stop the run (0: never)
     slurm_requeue: bool | None = None  # scontrol requeue after the preemption checkpoint; None: if sbatch --requeue
     # The ranks agree on preemption and non-finite losses at report and checkpoint steps, and also every this many
     # steps (0: no extra ones). Each agreement is a host-device sync; a signal waits for the next one.
@@ -176,6 +194,7 @@ class RunConfig:
         return unmet(
             (self.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}"),
             (self.max_rollbacks >= 0, "run.max_rollbacks must be non-negative"),
+            (self.max_consecutive_skips >= 0, "run.max_consecutive_skips must be non-negative (0: no limit)"),
             (self.sync_every >= 0, "run.sync_every must be non-negative (0: only at report and checkpoint steps)"),
             (self.peak_tflops >= 0, "run.peak_tflops must be non-negative (0: from the GPU's name)"),
             (not steps or (len(steps) == 2 and 0 < steps[0] <= steps[1]),
@@ -219,20 +238,32 @@ class ConfigError(ValueError):
     """A bad config file or override, explained in one sentence."""
 
 
+def read_yaml(path: str | os.PathLike) -> DictConfig:
+    """A config file's top-level mapping, or a :class:`ConfigError` naming the file and the fix."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing --config YAML")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where} "
+                          f"({getattr(error, 'problem', None) or error}): fix its syntax") from None
+    except (OmegaConfBaseException, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as a config ({str(error).splitlines()[0]}): "
+                          "give a YAML file of sections such as model: and optim:") from None
+    if not isinstance(loaded, DictConfig):  # a list at the top level
+        raise ConfigError(f"config file {str(path)!r} holds a list, not a mapping of sections: write its sections "
+                          "as keys, e.g. 'model:' with 'name: ...' below it")
+    return loaded
+
+
 def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated; returns a schema instance."""
+    loaded = read_yaml(path) if path is not None else None
     try:
         cfg = OmegaConf.structured(schema)
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing --config YAML")
-            try:
-                loaded = OmegaConf.load(path)
-            except yaml.YAMLError as error:
-                mark = getattr(error, "problem_mark", None)
-                where = f" at line {mark.line + 1}" if mark is not None else ""
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML{where} "
-                                  f"({getattr(error, 'problem', None) or error}): fix its syntax") from None
+        if loaded is not None:
             cfg = OmegaConf.merge(cfg, loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:

@@ -20,7 +20,7 @@ from deepspeed.checkpoint.constants import (
 )
 
 from .checkpoint_manager import MARKER, TAG, CheckpointManager
-from .safe_load import weights_only_loads
+from .safe_load import check_weights_only, weights_only_loads
 
 
 def locate(path: str | os.PathLike) -> tuple[Path, str]:
@@ -121,5 +121,6 @@ def to_universal(path: str | os.PathLike) -> Path:
     """Convert a checkpoint to DeepSpeed's universal format (``<tag>_universal``) so a run resumes at another
     world size; the resumed run picks it up by itself."""
     folder, tag = locate(path)
+    check_weights_only(folder / tag)  # DeepSpeed's converter runs in a subprocess: refuse a bad file here, by name
     CheckpointManager(folder, keep_last=0, rank=0).ensure_universal(tag)
     return folder / f"{tag}_universal"

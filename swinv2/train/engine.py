@@ -37,11 +37,27 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except torch.distributed.DistNetworkError as error:
+            if "EADDRINUSE" not in str(error):
+                raise
+            port = os.environ.get("MASTER_PORT")
+            raise ConfigError(
+                f"port {port} on {os.environ.get('MASTER_ADDR')} (the rendezvous port, MASTER_PORT) is already in "
+                f"use, probably by another run: pick a free one, e.g. deepspeed --master_port {port_suggestion()} "
+                "(torchrun: --master_port; srun: MASTER_PORT)") from None
         release_cpu_allreduce_segment()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def port_suggestion() -> int:
+    """A TCP port free on this machine right now (what the operating system hands out for port 0)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> tuple[Any, int]:
@@ -153,6 +169,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
+        # DeepSpeed reduces gradients across ranks in the training dtype unless told otherwise: with bf16 under
+        # ZeRO-0/1 and no accumulation that sums every rank's gradients in 8 significant bits. fp32 sums in fp32
+        # for twice the gradient all-reduce bytes (docs/gpu.md); a deepspeed.extra_json file with
+        # {"communication_data_type": "bf16"} trades that back.
+        "communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO is fine
         "steps_per_print": 2**31 - 1,  # our loop reports
         "wall_clock_breakdown": False,

@@ -5,6 +5,7 @@ of one, and :meth:`_StepLoop.sync` what the ranks do together at a sync step (ag
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,15 +28,24 @@ from .throughput import PhaseTimer
 from .tracking import Tracker
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@<seconds> warning
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it
+CTRL_C_FIRST = ("Ctrl-C: saving a checkpoint at the next sync step (a report step at the latest), then stopping "
+                "(press Ctrl-C again to stop at once, losing the steps since the last checkpoint)\n")
 
 
 @dataclass
 class LoopEnd:
-    """Where the loop stopped: ``reason`` is ``"done"``, ``"max_steps"`` or ``"preempted"``."""
+    """Where the loop stopped: ``reason`` is ``"done"``, ``"max_steps"``, ``"preempted"`` (a preemption signal or
+    the deepspeed runner gone) or ``"interrupted"`` (Ctrl-C)."""
 
     step: int
     data_epoch: int
     reason: str
+
+    @property
+    def exit_status(self) -> int:
+        """The command's exit status: 0 (done, max_steps, preempted: a requeued job resumes), 130 (Ctrl-C)."""
+        return INTERRUPTED if self.reason == "interrupted" else 0
 
 
 class _StopFlag:
@@ -44,11 +54,16 @@ class _StopFlag:
     Also counts as one: the ``deepspeed`` runner going away under a rank started by ``deepspeed.launcher.launch``.
     The runner does not pass SIGTERM on: it dies and leaves ``launch`` and the ranks training unsupervised, so a
     rank whose launcher lost its parent checkpoints and stops as if signalled.
+
+    Ctrl-C (SIGINT, sent by the terminal to every process of the foreground job) counts as one too; a second one
+    raises KeyboardInterrupt at once (the command exits 130 without a traceback).
     """
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
+    def __init__(self, rank: int = 0) -> None:
+        self.signal: int | None = None  # the first signal received
+        self.interrupts = 0
         self.launcher_gone = False
+        self.rank = rank
         self._previous: dict[int, Any] = {}
         self._launcher, self._launcher_parent = deepspeed_launcher()
 
@@ -64,12 +79,24 @@ class _StopFlag:
         return self.signal is not None or self.launcher_gone
 
     def __enter__(self) -> _StopFlag:
-        for sig in PREEMPTION_SIGNALS:
+        for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt("Ctrl-C pressed twice: stopped at once")
+            if self.rank == 0:  # every rank gets the terminal's SIGINT; one line says it. os.write: no buffer to
+                os.write(2, CTRL_C_FIRST.encode())  # re-enter if the signal came in the middle of a print
+        if self.signal is None:
+            self.signal = signum
+
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C came first (the deepspeed launcher then passes a SIGTERM on, which changes nothing)."""
+        return self.signal == signal.SIGINT
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -149,12 +176,16 @@ class _StepLoop:
         self.step = self.data_epoch = 0
         self.lr = 0.0
         self.preempted = False
+        self.resumed_at = 0  # the step a resumed run started at, until its first data epoch has begun
         self.stop: _StopFlag | None = None
         self.profiler: Any = None
 
     def epoch(self) -> None:
         """Optimizer steps over data epoch ``data_epoch`` until it runs dry, the run ends or stops, or rolls back."""
-        self.loader.set_epoch(self.data_epoch)
+        # A periodic checkpoint stores the epoch it was written in; resumed from one (after a crash), that epoch
+        # starts again on a stream salted by the resume step, so its batches are not the ones already trained on.
+        self.loader.set_epoch(self.data_epoch, resumed_at=self.resumed_at)
+        self.resumed_at = 0
         with _preemption_signals_blocked():
             batches = iter(self.loader)
         schedule = self.schedule
@@ -175,7 +206,8 @@ class _StepLoop:
             if schedule.on_step is not None:
                 schedule.on_step(self.step, batch)
             if self.preempted:
-                cause = "the deepspeed runner is gone" if self.stop.launcher_gone else "preemption signal received"
+                cause = ("Ctrl-C" if self.stop.interrupted else "the deepspeed runner is gone"
+                         if self.stop.launcher_gone else "preemption signal received")
                 self.tracker.print(f"{cause}: checkpointing at step {self.step} and stopping")
                 return
             if save:
@@ -253,19 +285,22 @@ def train_loop(
     if throughput.describe() is not None:
         tracker.print(throughput.describe())
     loop = _StepLoop(engine, loader, compute_loss, schedule, tracker, checkpoints, nonfinite, throughput, rank, world)
-    loop.step, loop.data_epoch = start_step, data_epoch
+    loop.step, loop.data_epoch, loop.resumed_at = start_step, data_epoch, start_step
     profile_dir = Path(run.output_dir) / "profile"
-    with (_StopFlag() as loop.stop,
+    with (_StopFlag(rank) as loop.stop,
           profile_steps(list(run.profile_steps), start_step, profile_dir, rank) as loop.profiler):
         while loop.step < stop_at and not loop.preempted:
             loop.epoch()
-            # A resumed run (or a rollback) starts the next epoch: there is no mid-epoch position to return to,
-            # and after a rollback a fresh epoch moves the stream past the stretch that went bad.
+            # A stopped run, when resumed, starts the next epoch (there is no mid-epoch position to return to), and
+            # after a rollback a fresh epoch moves the stream past the stretch that went bad.
             loop.data_epoch += 1
-    step, data_epoch = loop.step, loop.data_epoch
-    reason = "preempted" if loop.preempted else "max_steps" if max_steps and step < total_steps else "done"
-    if step > start_step:  # nothing new to save (a finished run started again): leave its last checkpoint alone
-        checkpoints.save(engine, step, client_state(step, data_epoch))
-    if loop.preempted and loop.stop.signal is not None and rank == 0 and requeue_wanted(run.slurm_requeue):
+        step, data_epoch = loop.step, loop.data_epoch
+        reason = ("interrupted" if loop.preempted and loop.stop.interrupted else "preempted" if loop.preempted
+                  else "max_steps" if max_steps and step < total_steps else "done")
+        if step > start_step:  # nothing new to save (a finished run started again): leave its last checkpoint alone
+            checkpoints.save(engine, step, client_state(step, data_epoch))  # a second Ctrl-C may still stop it
+    if reason == "interrupted":
+        tracker.print(f"Ctrl-C: stopped at step {step} with a checkpoint; the same command resumes from it")
+    if reason == "preempted" and loop.stop.signal is not None and rank == 0 and requeue_wanted(run.slurm_requeue):
         tracker.print(requeue_job())  # after the checkpoint: the requeued job resumes from it
     return LoopEnd(step, data_epoch, reason)

@@ -67,6 +67,7 @@ class Agreement:
     loss_count: float
     skipped_samples: float
     bad_steps: int  # steps since the last agreement with a non-finite loss on some rank
+    bad_flags: tuple[bool, ...]  # those steps in order, True where some rank's loss was non-finite
     first_bad: int  # the first of them (0: none), the rank that saw it and its loss there
     first_rank: int
     first_value: float
@@ -92,9 +93,10 @@ def agree(watch: LossWatch, stopping: bool, skipped_samples: float, rank: int, w
     firsts = values[4 + n: 4 + n + world]
     bad_ranks = [r for r in range(world) if firsts[r] > 0]
     first_rank = min(bad_ranks, key=lambda r: firsts[r]) if bad_ranks else 0
+    bad_flags = tuple(f > 0 for f in values[4: 4 + n])
     return Agreement(
         preempted=values[0] > 0, skipped_samples=values[1], loss_sum=values[2], loss_count=values[3],
-        bad_steps=sum(1 for f in values[4: 4 + n] if f > 0), first_bad=int(firsts[first_rank]),
+        bad_steps=sum(bad_flags), bad_flags=bad_flags, first_bad=int(firsts[first_rank]),
         first_rank=first_rank, first_value=values[4 + n + world + first_rank],
     )
 
@@ -113,20 +115,33 @@ def drops_nonfinite_updates(engine: Any) -> bool:
     return bool(getattr(optimizer, "compute_grad_norm", False)) and getattr(optimizer, "dtype", None) != torch.bfloat16
 
 
-def nonfinite_message(agreed: Agreement) -> str:
-    """The one sentence a run that stops on a non-finite loss ends with."""
+class NonFiniteLossError(ConfigError, FloatingPointError):
+    """The run stops on a non-finite loss (one sentence, exit 2 like every error the settings cause); still a
+    ``FloatingPointError`` for callers that catch that."""
+
+
+def remedy(engine: Any) -> str:
+    """What to change, for this engine: clipping is only advised lower when it is on, bf16 only for fp16 runs."""
+    clip = float(engine.gradient_clipping() or 0)
+    fix = f"lower optim.base_lr or optim.clip_grad (now {clip:g})" if clip > 0 else \
+        "lower optim.base_lr or turn gradient clipping on (optim.clip_grad=1.0; it is off)"
+    return fix + (", or use bf16 instead of fp16" if engine.fp16_enabled() else "")
+
+
+def nonfinite_message(agreed: Agreement, engine: Any, why: str = "") -> str:
+    """The one sentence a run that stops on a non-finite loss ends with (``why``: the rollbacks' part)."""
     return (f"the loss became non-finite at step {agreed.first_bad} (last value {agreed.first_value:.4g} on rank "
-            f"{agreed.first_rank}): lower optim.base_lr or optim.clip_grad, or use bf16 instead of fp16; the last "
-            "checkpoint is intact")
+            f"{agreed.first_rank}){why}: {remedy(engine)}; the last checkpoint is intact")
 
 
 @dataclass
 class NonFiniteHandler:
     """Acts on the non-finite steps the ranks agreed on, as ``run.on_nonfinite`` says, and counts them.
 
-    ``stop`` raises ``FloatingPointError`` naming the first bad step; ``skip`` counts the steps, whose updates
-    DeepSpeed dropped on every rank; ``rollback`` loads the last complete checkpoint, at most ``run.max_rollbacks``
-    times, then stops as ``stop``.
+    ``stop`` raises :class:`NonFiniteLossError` naming the first bad step; ``skip`` counts the steps, whose updates
+    DeepSpeed dropped on every rank, and stops as ``stop`` after ``run.max_consecutive_skips`` in a row (a run that
+    diverged for good would otherwise skip to the end and keep weights of long ago); ``rollback`` loads the last
+    complete checkpoint, at most ``run.max_rollbacks`` times, then stops as ``stop``.
     """
 
     run: RunConfig
@@ -134,6 +149,7 @@ class NonFiniteHandler:
     world: int
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("train/nonfinite_steps", "train/nonfinite_skipped", "train/rollbacks"), 0))
+    consecutive: int = 0  # skipped steps in a row, up to the last step the ranks agreed on
 
     def check_engine(self, engine: Any) -> None:
         """Refuse ``skip`` on an engine that would apply a non-finite update (a :class:`ConfigError`)."""
@@ -145,25 +161,39 @@ class NonFiniteHandler:
 
     def handle(self, agreed: Agreement, engine: Any, step: int, data_epoch: int, tracker: Any) -> int | None:
         """Handle ``agreed`` at sync step ``step``; returns the step rolled back to, else None (go on)."""
+        for bad in agreed.bad_flags:
+            self.consecutive = self.consecutive + 1 if bad else 0
         if not agreed.bad_steps:
             return None
         self.counts["train/nonfinite_steps"] += agreed.bad_steps
         if self.run.on_nonfinite == "stop":
-            raise FloatingPointError(nonfinite_message(agreed))
+            raise NonFiniteLossError(nonfinite_message(agreed, engine))
         if self.run.on_nonfinite == "skip":
-            self.counts["train/nonfinite_skipped"] += agreed.bad_steps
-            tracker.print(
-                f"non-finite loss in {agreed.bad_steps} step(s) up to step {step}, the first at step "
-                f"{agreed.first_bad} (value {agreed.first_value:.4g} on rank {agreed.first_rank}): their updates "
-                f"were skipped on every rank ({self.counts['train/nonfinite_skipped']} skipped so far)")
-            tracker.send(dict(self.counts), step)
-            return None
+            return self._skip(agreed, engine, step, tracker)
         return self._roll_back(agreed, engine, step, data_epoch, tracker)
+
+    def _skip(self, agreed: Agreement, engine: Any, step: int, tracker: Any) -> None:
+        limit = self.run.max_consecutive_skips
+        if limit and self.consecutive >= limit:
+            raise NonFiniteLossError(
+                f"the loss was non-finite in all {self.consecutive} steps from {step - self.consecutive + 1} to "
+                f"{step} (run.max_consecutive_skips={limit}), so the run has diverged: {remedy(engine)}, and resume "
+                "from the last checkpoint, which is intact")
+        self.counts["train/nonfinite_skipped"] += agreed.bad_steps
+        tracker.print(
+            f"non-finite loss in {agreed.bad_steps} step(s) up to step {step}, the first at step "
+            f"{agreed.first_bad} (value {agreed.first_value:.4g} on rank {agreed.first_rank}): their updates "
+            f"were skipped on every rank ({self.counts['train/nonfinite_skipped']} skipped so far)")
+        tracker.send(dict(self.counts), step)
+        return None
 
     def _roll_back(self, agreed: Agreement, engine: Any, step: int, data_epoch: int, tracker: Any) -> int:
         point = self.checkpoints.resume_point(self.world)
-        if self.counts["train/rollbacks"] >= self.run.max_rollbacks or point is None:
-            raise FloatingPointError(nonfinite_message(agreed))
+        used, limit = self.counts["train/rollbacks"], self.run.max_rollbacks
+        if used >= limit or point is None:
+            why = (f" and {used} rollback(s) used up run.max_rollbacks={limit}" if point is not None else
+                   " before the first checkpoint, so there is nothing to roll back to")
+            raise NonFiniteLossError(nonfinite_message(agreed, engine, why))
         self.counts["train/rollbacks"] += 1
         tracker.print(
             f"non-finite loss at step {agreed.first_bad} (value {agreed.first_value:.4g} on rank "
@@ -171,4 +201,7 @@ class NonFiniteHandler:
             f"on with data epoch {data_epoch + 1} (rollback {self.counts['train/rollbacks']} of at most "
             f"{self.run.max_rollbacks})")
         tracker.send(dict(self.counts), step)
-        return self.checkpoints.load(engine, point).get("step", point.step)
+        back_to = self.checkpoints.load(engine, point).get("step", point.step)
+        self.consecutive = 0
+        tracker.rolled_back(step, back_to)
+        return back_to

@@ -18,6 +18,7 @@ from .checkpoint_manager import CheckpointManager, ResumePoint
 from .config import DTYPES, ConfigError, TrainConfig, to_dict, to_yaml
 from .engine import accumulation_steps, build_engine, init_distributed
 from .loop import LoopEnd, train_loop
+from .output_dir import check_writable, lock_output_dir, release_output_dir
 from .tracking import Tracker
 
 
@@ -54,12 +55,16 @@ def announce_config(cfg: TrainConfig, out: Path, rank: int) -> None:
 
 # Settings a resumed run must share with its checkpoint: the architecture (the weights must fit) and the global
 # batch (the LR is scaled by it and a step counts that many images, so the schedule's position means it).
-ARCHITECTURE_KEYS = ("name", "embed_dim", "depths", "num_heads", "extra_norm_every", "num_classes")
+# The input size and window are part of it: the attention masks, relative position tables and what the weights
+# learnt depend on them (fine-tuning at another size goes through pretrained=, which adapts them).
+ARCHITECTURE_KEYS = ("name", "embed_dim", "depths", "num_heads", "extra_norm_every", "num_classes", "img_size",
+                     "window_size")
 
 
-def check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
-    """Refuse, in one sentence, to resume checkpoint ``where`` (its stored config ``saved``) with a config that
-    builds another model or uses another global batch."""
+def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_world: int = 0, world: int = 1) -> None:
+    """Refuse, in one sentence, to resume checkpoint ``where`` (its stored config ``saved``, written on
+    ``saved_world`` ranks) with a config that builds another model, uses another global batch, or on ``world``
+    ranks would make another epoch length (:func:`check_epoch_length`)."""
     config = to_dict(cfg)
     changed = [f"model.{k}" for k in ARCHITECTURE_KEYS
                if k in config["model"] and saved.get("model", {}).get(k, config["model"][k]) != config["model"][k]]
@@ -75,6 +80,23 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
             f"checkpoint {where} was trained with deepspeed.global_batch={before} but the config says {now}, which "
             f"would change the LR and what a step of the schedule means: keep deepspeed.global_batch={before} "
             f"(data.batch_size and the GPU count may change; accumulation adapts), {restart}")
+    check_epoch_length(saved, cfg, where, saved_world, world)
+
+
+def check_epoch_length(saved: dict, cfg: TrainConfig, where: Path, saved_world: int, world: int) -> None:
+    """``data.samples_per_epoch`` counts per rank: on another number of ranks the same value makes another epoch,
+    and the whole LR schedule (counted in epochs) would stretch or shrink under a resumed run. Refused with the
+    value that keeps the epoch (and so the schedule) as it was."""
+    before, now = saved.get("data", {}).get("samples_per_epoch", 0), cfg.data.samples_per_epoch
+    if not (saved_world and before and now) or before * saved_world == now * world:
+        return  # 0: the epoch is the data set's size (dataset.json), the same on any number of ranks
+    keep, exact = divmod(before * saved_world, world)
+    fix = (f"set data.samples_per_epoch={keep} to keep it" if not exact else
+           f"resume on a number of ranks that divides {before * saved_world} (data.samples_per_epoch is per rank)")
+    raise ConfigError(
+        f"checkpoint {where} was trained on {saved_world} rank(s) with data.samples_per_epoch={before} per rank "
+        f"({before * saved_world} samples per epoch), and on {world} rank(s) data.samples_per_epoch={now} makes "
+        f"{now * world}, which would rescale the whole LR schedule: {fix}, or start over with resume=false")
 
 
 def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
@@ -101,7 +123,9 @@ def resume_and_track(
     client = {}
     if point:
         where = checkpoints.dir / point.tag
-        check_resumable(checkpoints.meta(point.tag).get("config", {}), cfg, where)
+        meta = checkpoints.meta(point.tag)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        check_resumable(meta.get("config", {}), cfg, where, meta["world_size"], world)
         try:
             client = checkpoints.load(engine, point)
         except (RuntimeError, KeyError) as error:  # what the pre-check cannot see, in DeepSpeed's words
@@ -178,7 +202,8 @@ def start_run(
     anything is printed); every RNG seeded alike on all ranks, so ``build_model`` draws the same initial weights
     everywhere; the resolved config printed; ``build_model(run)``; ``build_loader(run)`` (the training stream;
     also the place for other streams, which then fail before anything is written); steps per epoch and in
-    total; the checkpoint manager and the resume point (a universal conversion if the world size changed);
+    total; the output folder checked for writing and locked for this run (:mod:`.output_dir`: a second run into
+    it is refused); the checkpoint manager and the resume point (a universal conversion if the world size changed);
     ``prepare(run)`` (e.g. the starting weights when not resuming, or a checkpoint manager of its own); the
     DeepSpeed engine; ``on_engine(run)``; the checkpoint loaded and tracking started (``config.yaml`` written
     only now).
@@ -194,7 +219,37 @@ def start_run(
     run.loader = build_loader(run)
     run.epoch_steps = steps_per_epoch(len(run.loader), accumulation)
     run.total_steps = max(1, round(cfg.schedule.epochs * run.epoch_steps))
+    claim_output_dir(run.out, rank, world)
+    try:
+        _build(run, prepare, on_engine)
+    except BaseException:  # a refused start (or Ctrl-C) frees the folder for the next try in this process
+        release_output_dir(run.out)
+        raise
+    return run
 
+
+def claim_output_dir(out: Path, rank: int, world: int) -> None:
+    """Every rank checks it can write to ``out``; rank 0 takes the run lock (:mod:`.output_dir`) and all ranks
+    refuse together, with the same sentence, if another run holds it."""
+    check_writable(out)
+    refusal = ""
+    if rank == 0:
+        try:
+            lock_output_dir(out)
+        except ConfigError as error:
+            refusal = str(error)
+    if world > 1:
+        said = [refusal]
+        torch.distributed.broadcast_object_list(said, src=0)
+        refusal = said[0]
+    if refusal:
+        raise ConfigError(refusal)
+
+
+def _build(run: TrainingRun, prepare: Callable[[TrainingRun], None] | None,
+           on_engine: Callable[[TrainingRun], None] | None) -> None:
+    """The rest of :func:`start_run` once the output folder is ours: checkpoints, the engine, tracking."""
+    cfg, rank, world = run.cfg, run.rank, run.world
     run.checkpoints = CheckpointManager(run.out / "checkpoints", cfg.checkpoint.keep_last, rank)
     run.point = run.checkpoints.resume_point(world) if cfg.resume else None
     if prepare is not None:
@@ -206,4 +261,3 @@ def start_run(
     run.start_step, run.data_epoch, run.tracker = resume_and_track(
         run.engine, run.checkpoints, run.point, cfg, run.out, rank, run.total_steps)
     run.dtype = DTYPES[cfg.deepspeed.precision]
-    return run

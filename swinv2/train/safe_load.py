@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..layouts import unpickling_refused
+
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
@@ -48,13 +50,8 @@ def weights_only_loads(what: str | os.PathLike) -> Iterator[None]:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     except pickle.UnpicklingError as error:
-        detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "global" in line),
-                      str(error).splitlines()[0])
-        raise UnsafeCheckpointError(
-            f"checkpoint {str(what)!r} holds a pickled object that is not weights or plain data ({detail[:200]}), "
-            "so it was not loaded, since unpickling it could run code: use checkpoints written by this project "
-            "or weights saved as .safetensors"
-        ) from None
+        raise UnsafeCheckpointError(f"{unpickling_refused(what, error)}: use checkpoints written by this project or "
+                                    "weights saved as .safetensors") from None
     finally:
         if previous is None:
             os.environ.pop(_FORCE, None)
@@ -62,11 +59,27 @@ def weights_only_loads(what: str | os.PathLike) -> Iterator[None]:
             os.environ[_FORCE] = previous
 
 
+def check_weights_only(checkpoint: str | os.PathLike) -> None:
+    """Read every ``.pt`` file of a DeepSpeed checkpoint folder weights-only (memory-mapped: the pickles, not the
+    tensor bytes), so that a file that would run code is refused, naming the checkpoint, before a converter that
+    runs elsewhere (a subprocess) reads it."""
+    with weights_only_loads(checkpoint):
+        for file in sorted(Path(checkpoint).glob("*.pt")):
+            torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+
+
 def run_module_weights_only(module: str) -> None:
     """``python -m module`` (with the current ``sys.argv``) under :func:`weights_only_loads`; for DeepSpeed's
-    converters run as a subprocess (their forked workers inherit the allow-list)."""
+    converters run as a subprocess (their forked workers inherit the allow-list). A refused file ends the process
+    with one ``error:`` line naming the ``--input_folder`` checkpoint, and exit status 2."""
     import runpy
 
-    with weights_only_loads(Path.cwd()):
-        sys.argv[0] = module
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    argv = sys.argv[1:]
+    what = argv[argv.index("--input_folder") + 1] if "--input_folder" in argv[:-1] else Path.cwd()
+    try:
+        with weights_only_loads(what):
+            sys.argv[0] = module
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except UnsafeCheckpointError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -4,6 +4,7 @@ log lines otherwise (:mod:`.console`), PNGs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -18,6 +19,19 @@ from .config import WandbConfig
 from .console import report_lines, short_fields
 
 METRICS_FILE = "metrics.jsonl"
+INIT_TIMEOUT = 30  # seconds wandb.init may wait for its server before the run logs offline (wandb's default: 90)
+
+
+def last_logged_updates(path: Path) -> int:
+    """``train/updates`` (else ``step``) of the last row of an earlier invocation's ``metrics.jsonl`` (0: none)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # the tail holds the last row
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        row = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):  # none yet, or a row cut by a crash: count from the resumed step
+        return 0
+    return int(row.get("train/updates", row.get("step", 0))) if isinstance(row, dict) else 0
 
 
 class Tracker:
@@ -41,39 +55,82 @@ class Tracker:
         self.run_id = run_id
         self.bar = None
         self.metrics_file = None
-        self._start = time.monotonic()
-        self._start_step = start_step
+        self._pace: tuple[float, int] | None = None  # (time, step) of the first report: where the ETA counts from
+        # wandb's own step axis only moves forward (it drops a row logged at a step it has passed), so rows go at
+        # optimizer updates done: the step, plus the steps undone by rollbacks and by a crash's resume before it.
+        self._updates_base, self._base_step = start_step, start_step
         if rank != 0:
             return
         if wandb_cfg.mode != "disabled":
-            import wandb
-
             self.run_id = run_id or secrets.token_hex(4)  # stored in checkpoints so a resume continues this run
-            self.run = wandb.init(
-                project=wandb_cfg.project, name=wandb_cfg.name, tags=list(wandb_cfg.tags), mode=wandb_cfg.mode,
-                config=config, dir=str(self.output_dir), id=self.run_id, resume="allow",
-                settings=wandb.Settings(quiet=True),  # no banner nor end-of-run summary; warnings still show
-            )
+            self.run = self._start_wandb(wandb_cfg, config)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8")
+        path = self.output_dir / METRICS_FILE
+        if run_id or start_step:  # resuming: go on from the last row of its earlier invocations
+            self._updates_base = max(start_step, last_logged_updates(path))
+        self.metrics_file = path.open("a", encoding="utf-8")
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    def _start_wandb(self, cfg: WandbConfig, config: dict) -> Any:
+        """``wandb.init``; an online run that cannot start (no API key, no network within ``WANDB_INIT_TIMEOUT``
+        seconds, default 30) logs offline instead and says so: a preempted job must not die of its dashboard."""
+        import wandb
+
+        def init(mode: str) -> Any:
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT))
+            return wandb.init(project=cfg.project, name=cfg.name, tags=list(cfg.tags), mode=mode, config=config,
+                              dir=str(self.output_dir), id=self.run_id, resume="allow",
+                              # no banner nor end-of-run summary (it rounds to 5 decimals); warnings still show
+                              settings=wandb.Settings(quiet=True, init_timeout=timeout))
+
+        if cfg.mode != "online":
+            return init(cfg.mode)
+        try:
+            return init("online")
+        except wandb.errors.Error as error:  # UsageError: no API key; CommError: no server within the timeout
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self.print(f"wandb could not start online ({first}), so this run logs offline to "
+                       f"{self.output_dir / 'wandb'}; upload it later with `wandb sync`")
+            wandb.teardown()  # the failed run still holds its id in wandb's service
+            return init("offline")
+
+    def updates(self, step: int) -> int:
+        """Optimizer updates done when the run is at ``step``: grows with every step, also past a rollback."""
+        return self._updates_base + step - self._base_step
+
+    def rolled_back(self, step: int, back_to: int) -> None:
+        """The run went back from ``step`` to ``back_to``: the steps after it are updates done anew."""
+        self._updates_base, self._base_step = self.updates(step), back_to
+        self._pace = None  # the reloaded steps run again: count the pace afresh
+
     def eta_seconds(self, step: int) -> float:
-        """Seconds left to ``total_steps`` at this invocation's pace so far (NaN before its first step)."""
-        done = step - self._start_step
-        elapsed = time.monotonic() - self._start
-        return elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        """Seconds left to ``total_steps`` at the pace since this invocation's first report (NaN at that report):
+        start-up, the step-0 evaluation and the first step's warm-up do not count."""
+        now = time.monotonic()
+        if self._pace is None or step <= self._pace[1]:
+            self._pace = (now, step)
+            return float("nan")
+        since, first = self._pace
+        return (now - since) / (step - first) * (self.total_steps - step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Report ``metrics`` of optimizer step ``step``: all of them to wandb and ``metrics.jsonl``, a short line
-        to the console every ``log_every`` steps (or the bar's postfix on a terminal)."""
+        to the console every ``log_every`` steps (or the bar's postfix on a terminal).
+
+        The first report of an invocation has no pace yet (``train/eta_min`` NaN): it takes its own window's
+        step time (``train/step_time_s``) instead."""
         if self.rank != 0:
             return
+        eta = metrics.get("train/eta_min", float("nan")) * 60
+        if math.isnan(eta) and "train/step_time_s" in metrics:
+            eta = metrics["train/step_time_s"] * (self.total_steps - step)
+            metrics = {**metrics, "train/eta_min": eta / 60}
+        metrics = {**metrics, "train/updates": self.updates(step)}
         if self.run is not None:
-            self._wandb(self.run.log, metrics, step=step)
+            self._wandb(self.run.log, {**metrics, "train/step": step}, step=self.updates(step))
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
             self.metrics_file.flush()
@@ -81,12 +138,12 @@ class Tracker:
             self.bar.n = step
             self.bar.set_postfix(short_fields(metrics), refresh=True)
         elif step % self.log_every == 0 or step == self.total_steps:
-            print("\n".join(report_lines(step, self.total_steps, metrics, self.eta_seconds(step))), flush=True)
+            print("\n".join(report_lines(step, self.total_steps, metrics, eta)), flush=True)
 
     def send(self, metrics: dict[str, float], step: int) -> None:
         """Send ``metrics`` to wandb only (e.g. evaluation results the caller prints itself)."""
         if self.run is not None:
-            self._wandb(self.run.log, metrics, step=step)
+            self._wandb(self.run.log, {**metrics, "train/step": step}, step=self.updates(step))
 
     def image(self, key: str, array: np.ndarray, step: int) -> Path | None:
         """Save an RGB uint8 image as ``output_dir/images/{key}_{step}.png`` (atomically) and send it to wandb."""
@@ -99,7 +156,7 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self._wandb(lambda: self.run.log({key: wandb.Image(array)}, step=step))
+            self._wandb(lambda: self.run.log({key: wandb.Image(array), "train/step": step}, step=self.updates(step)))
         return path
 
     def _wandb(self, call: Any, *args: Any, **kwargs: Any) -> None:

@@ -13,10 +13,11 @@ starts from the same initial weights, so two runs that differ only in one settin
 
 Each ``--run NAME OVERRIDE...`` is trained in turn (fresh model and engine). Rank 0 writes ``{NAME: {"losses": [...],
 "grad_norms": [...], "accumulation": A, "world_size": W, "optimizer": class name, "grad_accum_dtype": ...,
-"seconds": [...]}}``: per optimizer step the loss averaged over every micro batch of every rank, in float64, and the
-wall time of each step (the first includes compilation). ``--checkpoint DIR`` saves each run's engine with our
-``CheckpointManager`` under ``DIR/NAME/checkpoints``. ``--same-micro`` feeds every accumulation step of a step the
-rank's same micro batch: with exact accumulation, N micro steps of it give the very gradient of one.
+"communication_dtype": ..., "seconds": [...]}}``: per optimizer step the loss averaged over every micro batch of
+every rank, in float64, and the wall time of each step (the first includes compilation). ``--checkpoint DIR`` saves
+each run's engine with our ``CheckpointManager`` under ``DIR/NAME/checkpoints``. ``--same-micro`` feeds every
+accumulation step of a step the rank's same micro batch: with exact accumulation, N micro steps of it give the very
+gradient of one.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from simmim.config import PretrainConfig  # noqa: E402
 from simmim.masking import MaskGenerator  # noqa: E402
 from simmim.pretrain import build_simmim  # noqa: E402
 from swinv2.train.checkpoint_manager import CheckpointManager  # noqa: E402
-from swinv2.train.config import DTYPES, load_config  # noqa: E402
+from swinv2.train.config import load_config  # noqa: E402
 from swinv2.train.engine import accumulation_steps, build_engine, init_distributed  # noqa: E402
 
 # Small and fast, but every code path of the real model: 4 stages, shifted windows, patch merging, 64 px.
@@ -57,13 +58,21 @@ def fixed_batches(steps: int, global_batch: int, img_size: int, masks: MaskGener
     return out
 
 
+def rank_batch(images: torch.Tensor, mask: torch.Tensor, rank: int, per_rank: int, device: torch.device | str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s slice of a global batch, on ``device`` (the engine's: DeepSpeed's forward does not move its
+    inputs). The images stay float32, as the launcher passes them: SimMIM casts the encoder's copy to its dtype."""
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    return images[mine].to(device, torch.float32), mask[mine].to(device)
+
+
 def train(cfg: PretrainConfig, steps: int, rank: int, world: int, checkpoint: Path | None,
           same_micro: bool = False) -> dict:
     accumulation = accumulation_steps(cfg.deepspeed.global_batch, cfg.data.batch_size, world)
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and run
     model = build_simmim(cfg)
     masks = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, model.patch_size, cfg.simmim.mask_ratio)
-    dtype, micro, per_rank = DTYPES[cfg.deepspeed.precision], cfg.data.batch_size, cfg.deepspeed.global_batch // world
+    micro, per_rank = cfg.data.batch_size, cfg.deepspeed.global_batch // world
     if same_micro:  # every micro batch of a step is the rank's one micro batch (the same, whatever the accumulation)
         per_rank = micro
     batches = fixed_batches(steps, per_rank * world, cfg.model.img_size, masks)
@@ -71,9 +80,8 @@ def train(cfg: PretrainConfig, steps: int, rank: int, world: int, checkpoint: Pa
     losses, grad_norms, seconds = [], [], []
     for images, mask in batches:
         start = time.perf_counter()
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        images, mask = images[mine].to(dtype), mask[mine]
-        total = torch.zeros((), dtype=torch.float64)
+        images, mask = rank_batch(images, mask, rank, per_rank, engine.device)
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)  # NCCL reduces only device tensors
         for a in range(accumulation):
             part = slice(0, micro) if same_micro else slice(a * micro, (a + 1) * micro)
             loss = engine(images[part], mask[part])
@@ -90,6 +98,7 @@ def train(cfg: PretrainConfig, steps: int, rank: int, world: int, checkpoint: Pa
     return {"losses": losses, "grad_norms": grad_norms, "seconds": seconds, "accumulation": accumulation,
             "world_size": world, "optimizer": type(engine.optimizer).__name__,
             "grad_accum_dtype": engine.config.get("data_types", {}).get("grad_accum_dtype"),
+            "communication_dtype": str(engine.communication_data_type),
             "compiled": bool(engine.is_compiled)}
 
 

@@ -12,9 +12,9 @@ Nothing is replaced: every instrument calls the real function and only records.
   n until its boundary ``engine.step()`` returns; ``["after", n]`` from then (reporting, checkpointing, fetching
   the next batch) until step n + 1 begins.
 - ``LOOP_PROBE_NONFINITE="step:rank:kind[:always]"`` makes rank ``rank``'s loss non-finite in optimizer step
-  ``step`` (``kind`` ``nan``: multiplied by NaN; ``inf``: plus infinity, which leaves its gradients finite), the
-  first time that step runs (or every time, with ``always``): a test-only wrapper around the ``compute_loss`` the
-  run passes to ``swinv2.train.loop.train_loop``.
+  ``step`` (or every step of a range ``a-b``; ``kind`` ``nan``: multiplied by NaN; ``inf``: plus infinity, which
+  leaves its gradients finite), the first time that step runs (or every time, with ``always``): a test-only
+  wrapper around the ``compute_loss`` the run passes to ``swinv2.train.loop.train_loop``.
 - ``LOOP_PROBE_SIGTERM_AT=n``: the process sends itself SIGTERM as optimizer step n begins (its first forward).
 - ``LOOP_PROBE_SYNC_DEBUG=1`` (CUDA): ``torch.cuda.set_sync_debug_mode("warn")`` inside ``step`` phases of steps
   after the third, and ``after`` phases of steps that are not in ``LOOP_PROBE_SYNC_STEPS`` (comma-separated);
@@ -108,6 +108,8 @@ def _inject_nonfinite(spec: str) -> None:
     import swinv2.train.loop as loop
 
     at, on_rank, kind, *always = spec.split(":")
+    first, _, last = at.partition("-")  # one step, or a range "a-b"
+    first, last = int(first), int(last or first)
     real_loop = loop.train_loop
 
     def train_loop(engine, loader, compute_loss, **kwargs):
@@ -117,7 +119,7 @@ def _inject_nonfinite(spec: str) -> None:
         def poisoned(batch):
             loss = compute_loss(batch)
             step = engine.global_steps + 1
-            if rank == int(on_rank) and step == int(at) and (always or step not in done):
+            if rank == int(on_rank) and first <= step <= last and (always or step not in done):
                 done.add(step)
                 state["injected"].append(step)
                 return loss * float("nan") if kind == "nan" else loss + float("inf")
