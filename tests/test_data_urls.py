@@ -114,3 +114,25 @@ def test_rank_comes_from_the_environment(shard_dir, monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert resolve_rank() == (0, 1)
+
+
+def test_unreadable_remote_eval_shards_are_one_sentence_at_start_up(tmp_path):
+    """A failing ``pipe:`` command or an unreachable host ends in one sentence naming the setting when the loader is
+    built, not in a traceback from a loader worker at the first evaluation; a command that gives bytes passes."""
+    import socket
+
+    from swinv2.data import DataError
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cases = [("pipe:false", "exit status 1 and no data"),
+             (f"http://127.0.0.1:{port}/val-000000.tar", "and no data")]
+    for url, why in cases:
+        cfg = DataConfig(eval_urls=url, batch_size=2, num_workers=0)
+        with pytest.raises(DataError, match=rf"^data\.eval_urls: could not read {re.escape(url)} \(.*{why}\);"):
+            build_loader(cfg, "eval", rank=0, world_size=1, img_size=32)
+    shard = tmp_path / "val.tar"
+    shard.write_bytes(b"x" * 4096)
+    build_loader(DataConfig(eval_urls=f"pipe:cat {shard}", batch_size=2, num_workers=0), "eval", rank=0,
+                 world_size=1, img_size=32)

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from .config import DataConfig
 from .decode import decode_image, image_bytes, label_of
 from .transforms import eval_transform, train_transform
-from .urls import DataError, count_samples, expand_urls, shard_sizes
+from .urls import DataError, check_readable, count_samples, expand_urls, shard_sizes
 
 Kind = Literal["pretrain", "train", "eval", "heldout"]
 KINDS = ("pretrain", "train", "eval", "heldout")
@@ -482,6 +482,7 @@ def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", tran
         batch_size = cfg.eval_batch_size or cfg.batch_size
         num_batches = None
         expected = count_samples(list(islice(shard_urls, rank, None, world_size)))
+        check_readable(shard_urls, f"data.{field}")
     else:
         batch_size, expected = cfg.batch_size, None
         per_rank = cfg.samples_per_epoch

@@ -19,6 +19,9 @@ import glob
 import json
 import os
 import shlex
+import signal
+import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -134,3 +137,27 @@ def _shard_counts(index: Path) -> dict[str, int]:
         return {s["name"]: int(s["samples"]) for s in meta["shards"]}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def check_readable(urls: Sequence[str], setting: str, timeout: float = 30.0) -> None:
+    """Read the first bytes of the first remote URL among ``urls`` (``http(s)://`` through curl, as webdataset
+    reads it, or a ``pipe:`` command), so that an unreachable host or a failing command ends in one sentence naming
+    ``setting`` at start-up instead of a traceback from a loader worker. Local shards are checked by
+    :func:`expand_urls`."""
+    url = next((u for u in urls if u.startswith(_REMOTE)), None)
+    if url is None:
+        return
+    command = url[len("pipe:"):] if url.startswith("pipe:") else \
+        f"curl -f -s -L --max-time {int(timeout)} {shlex.quote(url)}"
+    got: list[bytes] = []
+    with subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          start_new_session=True) as proc:
+        reader = threading.Thread(target=lambda: got.append(proc.stdout.read(512)), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if proc.poll() is None:  # still downloading (or hanging): the first bytes are all we wanted
+            os.killpg(proc.pid, signal.SIGKILL)
+    if not got or not got[0]:
+        why = f"nothing within {timeout:.0f} s" if not got else f"exit status {proc.returncode} and no data"
+        raise DataError(f"{setting}: could not read {url} ({why}); check the URL or command and the network, "
+                        "or use local shards.")
