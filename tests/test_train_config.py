@@ -74,6 +74,7 @@ def test_subclass_defaults_and_sections_survive_the_merge():
     (DeepSpeedConfig(offload_params=True, zero_stage=2), "deepspeed.offload_params needs deepspeed.zero_stage=3"),
     (WandbConfig(mode="sometimes"), "wandb.mode must be one of online, offline, disabled"),
     (RunConfig(profile_steps=[5, 2]), "run.profile_steps=[5, 2] must be [first, last]"),
+    (RunConfig(output_dir=" "), "run.output_dir is empty: set it to this run's own folder"),
     (SimMIMConfig(mask_ratio=1.0), "simmim.mask_ratio must be in (0, 1)"),
     (SimMIMConfig(mask_patch_size=0), "simmim.mask_patch_size must be positive"),
     (ProbeConfig(train_urls="a"), "probe.train_urls and probe.eval_urls go together"),
@@ -136,3 +137,10 @@ def test_a_yaml_that_is_not_a_mapping_of_sections_is_one_sentence(tmp_path):
     garbage.write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(ConfigError, match=r"bytes.yaml' cannot be read as a config"):
         load_config(PretrainConfig, garbage)
+
+
+def test_an_override_that_is_not_valid_yaml_is_one_sentence_naming_it():
+    """The value of key=value is parsed as YAML: an unclosed bracket was a 37-line parser traceback."""
+    with pytest.raises(ConfigError, match=r"^override 'model.depths=\[1,1' is not a valid value \(while parsing a "
+                                          r"flow sequence\): quote or bracket it as YAML"):
+        load_config(FinetuneConfig, None, ["optim.base_lr=1e-3", "model.depths=[1,1"])

@@ -192,6 +192,8 @@ class RunConfig:
     def problems(self) -> list[str]:
         steps = list(self.profile_steps)
         return unmet(
+            (bool(self.output_dir.strip()), "run.output_dir is empty: set it to this run's own folder (an empty one "
+                                            "would write into the current directory)"),
             (self.on_nonfinite in NONFINITE_ACTIONS, f"run.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}"),
             (self.max_rollbacks >= 0, "run.max_rollbacks must be non-negative"),
             (self.max_consecutive_skips >= 0, "run.max_consecutive_skips must be non-negative (0: no limit)"),
@@ -258,6 +260,14 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     return loaded
 
 
+def _unparsable(override: str) -> bool:
+    try:
+        yaml.safe_load(override.split("=", 1)[1])
+    except yaml.YAMLError:
+        return True
+    return False
+
+
 def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated; returns a schema instance."""
     loaded = read_yaml(path) if path is not None else None
@@ -268,7 +278,13 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value: write e.g. optim.base_lr=2e-4")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except yaml.YAMLError as error:  # e.g. model.depths=[1,1 (the value is parsed as YAML)
+            bad = next((o for o in overrides if _unparsable(o)), overrides[0])
+            raise ConfigError(f"override {bad!r} is not a valid value ({str(error).splitlines()[0]}): quote or "
+                              "bracket it as YAML, e.g. model.depths=[2,2,6,2]") from None
+        cfg = OmegaConf.merge(cfg, dotlist)
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
