@@ -69,8 +69,10 @@ def trained_run(tmp_path_factory):
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and time, except ``run.lock``: each start takes the run lock (its pid and host) before
+    it reads anything else (docs/reliability.md, one run per output folder)."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file()}
+            if p.is_file() and p.name != "run.lock"}
 
 
 # --- checkpoints that would run code ------------------------------------------------------------------------------
