@@ -26,7 +26,8 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def cast_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Floating buffers to ``dtype``, as ``model.to(dtype)`` casts them. DeepSpeed's bf16/fp16 engine casts only
-    the parameters, while the V2 position-bias MLP takes its coordinate table (a buffer) in the weights' dtype."""
+    the parameters (the V2 position-bias MLP computes in float32 either way: ``Float32Linear``); the model-state
+    tests use this to compare buffer-cast and parameter-cast models."""
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_floating_point():
