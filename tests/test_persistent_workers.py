@@ -58,7 +58,8 @@ def test_persistent_workers_run_each_epochs_own_stream_and_a_resume_a_fresh_one(
 
 def test_workers_stop_when_the_loader_is_collected():
     loader = _loader()
-    next(iter(loader))
+    batches = iter(loader)
+    next(batches), next(batches)  # batch i comes from worker i % 2: both have started (and written their pid)
     pids = loader.stream.worker_pids()
     assert len(_alive(pids)) == 2
     del loader
@@ -72,7 +73,8 @@ import sys, time, torch
 from swinv2.data import build_loader
 loader = build_loader(dict(train_urls="demo:train", num_workers=2, batch_size=4, samples_per_epoch=32), "pretrain",
                       lambda image: torch.zeros(1), 0, 1, img_size=32)
-next(iter(loader))
+batches = iter(loader)
+next(batches), next(batches)  # one batch from each worker: both pids are written
 print(*loader.stream.worker_pids(), flush=True)
 time.sleep(600)
 """
