@@ -1,8 +1,9 @@
 """Load SimMIM checkpoints (ours and the authors') and export the pretrained encoder as a plain backbone.
 
-The encoder goes through the same path as :func:`swinv2.load_checkpoint` (layout renaming, derived buffers
-dropped, V1 bias tables resized to the model's windows, V2 coordinate tables rebuilt), so a checkpoint pretrained
-at one window loads into a SimMIM model at another (Swin V2 arXiv 2111.09883 sec. 3.3).
+Hugging Face transformers' ``Swin(v2)ForMaskedImageModeling`` directories load too, mask token and decoder included
+(:mod:`swinv2.hf_layout`). The encoder goes through the same path as :func:`swinv2.load_checkpoint` (layout
+renaming, derived buffers dropped, V1 bias tables resized to the model's windows, V2 coordinate tables rebuilt), so
+a checkpoint pretrained at one window loads into a SimMIM model at another (Swin V2 arXiv 2111.09883 sec. 3.3).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 
 import torch
 
+from swinv2.hf_layout import LAYOUT as TRANSFORMERS_LAYOUT
+from swinv2.hf_layout import from_transformers, looks_like_transformers
 from swinv2.layouts import LoadReport, adapt_to_model, read_state_dict, to_our_layout
 
 from .model import SimMIM
@@ -49,13 +52,18 @@ def load_checkpoint(model: SimMIM, source: str | os.PathLike | dict) -> LoadRepo
             "use swinv2.load_checkpoint for a plain Swin model"
         )
     state = {k.removeprefix("module."): v for k, v in read_state_dict(source).items()}
-    backbone, simmim, layout = _split(state)
-    backbone, inner_layout, dropped = to_our_layout(backbone)
-    if inner_layout != "ours/authors'":
-        layout = f"{layout}, encoder in {inner_layout} layout"
+    foreign: list[str] = []  # dropped keys named as in a transformers file
+    if looks_like_transformers(state):  # a transformers masked-image model (or a plain one: no token, no decoder)
+        backbone, simmim, foreign = from_transformers(state)  # already in our layout, derived buffers dropped
+        layout, dropped = TRANSFORMERS_LAYOUT, []
+    else:
+        backbone, simmim, layout = _split(state)
+        backbone, inner_layout, dropped = to_our_layout(backbone)
+        if inner_layout != "ours/authors'":
+            layout = f"{layout}, encoder in {inner_layout} layout"
     prefix = "" if layout.startswith("backbone") else "encoder."
     heads = [k for k in backbone if k.startswith("head.")]  # a classifier's head: the encoder has none
-    report = LoadReport(layout=layout, dropped=[prefix + k for k in dropped + heads])
+    report = LoadReport(layout=layout, dropped=foreign + [prefix + k for k in dropped + heads])
     backbone = adapt_to_model({k: v for k, v in backbone.items() if k not in heads}, model.encoder, report)
 
     target = model.state_dict()

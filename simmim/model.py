@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from timm.layers import trunc_normal_
 from torch import nn
+
+from swinv2.layers import trunc_normal_
 
 # Both constants are the authors': the variance floor of the normalised target and the loss denominator guard.
 TARGET_EPS = 1e-6

@@ -50,8 +50,8 @@ def pretrain(cfg: PretrainConfig) -> LoopEnd:
     def streams(run: TrainingRun) -> Any:
         nonlocal mask_generator, monitors
         mask_generator = MaskGenerator(size, cfg.simmim.mask_patch_size, run.model.patch_size, cfg.simmim.mask_ratio)
-        loader = build_loader(cfg.data, "pretrain", PretrainTransform(size, mask_generator), run.rank, run.world,
-                              img_size=size)
+        transform = PretrainTransform(size, mask_generator, cfg.data.hflip)
+        loader = build_loader(cfg.data, "pretrain", transform, run.rank, run.world, img_size=size)
         monitors = PretrainMonitors(cfg, mask_generator, run.rank, run.world)
         return loader
 

@@ -14,8 +14,8 @@ import random
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from swinv2.data.config import IMAGENET_MEAN, IMAGENET_STD
 from swinv2.windows import to_2tuple
 
 from .masking import MaskGenerator
@@ -38,7 +38,7 @@ def imagenet_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tens
     device = torch.device(device)
     if device not in _STATS:
         _STATS[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
-                               for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+                               for v in (IMAGENET_MEAN, IMAGENET_STD))
     return _STATS[device]
 
 
@@ -61,25 +61,25 @@ def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -
 class PretrainTransform:
     """PIL image -> ``(image, mask)``: uint8 pixels ``(3, H, W)`` and a mask from ``mask_generator``.
 
-    RandomResizedCrop to ``img_size`` (scale 0.67-1, aspect ratio 3/4-4/3, bilinear), horizontal flip (the SimMIM
-    recipe): torchvision's algorithm and resampling, drawn with Python's ``random`` (which DataLoader seeds per
-    worker) instead of one-element torch tensors, and flipped on the pixel array. That halves the per-image
-    cost, which matters in a loader worker. The ImageNet mean/std normalisation is left to
-    :func:`normalize_images` on the device. ``img_size`` is an int or ``(H, W)`` and must be the mask
-    generator's ``input_size``.
+    RandomResizedCrop to ``img_size`` (scale 0.67-1, aspect ratio 3/4-4/3, bilinear), horizontal flip with
+    probability ``hflip`` (0.5 in the SimMIM recipe; ``data.hflip``, 0 for digits or text): torchvision's algorithm
+    and resampling, drawn with Python's ``random`` (which DataLoader seeds per worker) instead of one-element torch
+    tensors, and flipped on the pixel array. That halves the per-image cost, which matters in a loader worker. The
+    ImageNet mean/std normalisation is left to :func:`normalize_images` on the device. ``img_size`` is an int or
+    ``(H, W)`` and must be the mask generator's ``input_size``.
     """
 
     scale = (0.67, 1.0)
     ratio = (3.0 / 4.0, 4.0 / 3.0)
 
-    def __init__(self, img_size: int | tuple[int, int], mask_generator: MaskGenerator):
+    def __init__(self, img_size: int | tuple[int, int], mask_generator: MaskGenerator, hflip: float = 0.5):
         size = to_2tuple(img_size)
         if tuple(mask_generator.input_size) != size:
             raise ValueError(
                 f"the mask generator is for {mask_generator.input_size[0]}x{mask_generator.input_size[1]} images but "
                 f"img_size is {size[0]}x{size[1]}: build MaskGenerator(input_size={size}, ...)"
             )
-        self.img_size, self.mask_generator = size, mask_generator
+        self.img_size, self.mask_generator, self.hflip = size, mask_generator, hflip
 
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """``(top, left, height, width)`` of a random crop: torchvision's ``RandomResizedCrop.get_params``."""
@@ -106,12 +106,13 @@ class PretrainTransform:
         top, left, h, w = self.crop_box(*image.size)
         image = image.crop((left, top, left + w, top + h)).resize(self.img_size[::-1], Image.Resampling.BILINEAR)
         pixels = np.asarray(image)  # (H, W, 3)
-        if random.random() < 0.5:
+        if random.random() < self.hflip:
             pixels = pixels[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), self.mask_generator()
 
     def __repr__(self) -> str:
         return (
             f"PretrainTransform(img_size={self.img_size}, RandomResizedCrop(scale={self.scale}, "
-            f"ratio=({self.ratio[0]:.4f}, {self.ratio[1]:.4f}), bilinear), flip p=0.5, {self.mask_generator!r})"
+            f"ratio=({self.ratio[0]:.4f}, {self.ratio[1]:.4f}), bilinear), flip p={self.hflip}, "
+            f"{self.mask_generator!r})"
         )

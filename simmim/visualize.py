@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from swinv2.data.config import IMAGENET_MEAN, IMAGENET_STD
 
 # Masked pixels in the "masked input" panel: mid-grey, so the blocks read as removed rather than as black content.
 MASK_GREY = 0.5
@@ -37,8 +38,8 @@ def reconstruction_grid(
             "dividing the image sides (the MaskGenerator output, stacked)"
         )
     n = min(B, max_images)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     original = images[:n].detach().float().cpu() * std + mean
     predicted = reconstruction[:n].detach().float().cpu() * std + mean
     m = mask[:n].detach().cpu().float()

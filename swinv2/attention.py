@@ -14,10 +14,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from .cpu_kernels import CPULinear, WindowAttentionFunction, cpu_kernel_applies
+from .layers import trunc_normal_
 from .windows import (
     SHIFT_MASK_VALUE,
     ShiftedGrid,

@@ -3,8 +3,10 @@
 Layouts understood (auto-detected): ours and the authors' (patch merging at the END of stage N as
 ``layers.N.downsample``, classifier ``head``; the authors' files keep the weights under ``model``); timm's
 (patch merging at the START of stage N+1, classifier ``head.fc``); the authors' SimMIM files (``encoder.``
-prefix, ``decoder.*``, ``encoder.mask_token``); DeepSpeed/DDP wrappers (``module``). Files are ``.pth``/``.pt``
-(read with ``weights_only=True``) or ``.safetensors``.
+prefix, ``decoder.*``, ``encoder.mask_token``); DeepSpeed/DDP wrappers (``module``); Hugging Face transformers'
+(``Swin*``/``Swinv2*`` models, separate q/k/v fused into our ``qkv``; :mod:`swinv2.hf_layout`). Files are
+``.pth``/``.pt``/``.bin`` (read with ``weights_only=True``) or ``.safetensors``; a transformers checkpoint
+directory (``config.json`` plus its weights, as ``save_pretrained`` writes it) is read as one checkpoint.
 
 Adaptation (Swin V2 arXiv 2111.09883 sec. 3.3; Swin V1 arXiv 2103.14030 sec. 4.1 fine-tuning): V2 needs none,
 its coordinate tables are derived from the model's windows and pretrained windows; V1 relative position bias
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from .files import save_safetensors, write_atomic
+from .hf_layout import LAYOUT as TRANSFORMERS_LAYOUT
+from .hf_layout import from_transformers, is_transformers_dir, looks_like_transformers, weight_files
+from .layers import trunc_normal_
 
 DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
@@ -70,8 +74,17 @@ def unpickling_refused(what: str | os.PathLike, error: BaseException, names: lis
 
 def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """A flat ``name -> tensor`` dict from a path or an (possibly wrapped) state dict, never unpickling code."""
+    if not isinstance(source, dict) and is_transformers_dir(source):
+        merged: dict[str, torch.Tensor] = {}
+        for file in weight_files(source):  # one file, or the shards its index names
+            merged.update(read_state_dict(file))
+        return merged
     if not isinstance(source, dict):
         path = Path(source)
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, not a weights file or a transformers checkpoint directory "
+                             "(no config.json with model_type swin or swinv2): pass a .pth/.safetensors file or "
+                             "the folder save_pretrained wrote")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: check the path")
         if path.suffix == ".safetensors":
@@ -120,6 +133,11 @@ def to_our_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     layout = "ours/authors'"
     if any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    if looks_like_transformers(state):
+        state, extras, dropped = from_transformers(state)
+        # a masked-image model's mask token and decoder have no place in a plain Swin (simmim.load_checkpoint
+        # takes them)
+        return state, TRANSFORMERS_LAYOUT, dropped + sorted(extras)
     if any(k.startswith("encoder.") for k in state):
         layout = "SimMIM (encoder)"
         dropped += [k for k in state if not k.startswith("encoder.") or k == "encoder.mask_token"]

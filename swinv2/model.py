@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttentionV1, WindowAttentionV2
 from .cpu_kernels import CPULinear
+from .layers import DropPath, trunc_normal_
 from .shifted_windows import shifted_merge, shifted_partition
 from .windows import ShiftedGrid, Size2, clip_window, pad_to_window, to_2tuple
 

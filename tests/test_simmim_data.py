@@ -75,6 +75,13 @@ def test_pretrain_transform_is_torchvisions_random_resized_crop_and_flip():
         assert torch.equal(image, TF.pil_to_tensor(TF.hflip(want) if flip else want))
         flips.add(flip)
     assert flips == {True, False}
+    never = simmim.PretrainTransform(64, simmim.MaskGenerator(64, 16, 4), hflip=0.0)  # data.hflip=0: digits, text
+    for seed in range(10):
+        random.seed(seed)
+        box = never.crop_box(*photo.size)
+        want = TF.resized_crop(photo, *box, [64, 64], interpolation=T.InterpolationMode.BILINEAR)
+        random.seed(seed)
+        assert torch.equal(never(photo)[0], TF.pil_to_tensor(want))
     # the boxes follow torchvision's RandomResizedCrop distribution: 67-100 % of the area, aspect 3/4-4/3
     random.seed(0)
     ours = [transform.crop_box(300, 200) for _ in range(3000)]

@@ -7,8 +7,9 @@
     torchrun --nproc_per_node 8 launch/evaluate.py CHECKPOINT --data ...    # or deepspeed: shards split over ranks
 
 CHECKPOINT is anything the fine-tuning loader takes (our run directory or DeepSpeed checkpoint, a safetensors or
-.pth file in our, the authors' or timm's layout). The model comes from the ``model.json`` a fine-tuning run writes
-next to its checkpoints; ``--model`` and the size options name or override it. Every sample is counted exactly
+.pth file in our, the authors' or timm's layout, a transformers checkpoint directory). The model comes from the
+``model.json`` a fine-tuning run writes next to its checkpoints, or a transformers directory's ``config.json``;
+``--model`` and the size options name or override it. Every sample is counted exactly
 once across ranks, however unevenly the shards split.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..files import write_text_atomic
 from ..finetune.evaluation import evaluate_checkpoint
 from ..finetune.weights import resolve_spec
+from ..hf_layout import read_config
 from ..train.consolidate import locate
 from ..train.engine import init_distributed
 from . import FILE_ERRORS, run_command
@@ -51,7 +53,7 @@ def _evaluate(argv: list[str] | None) -> int:
         raise ValueError("--data is empty: pass the evaluation shards, e.g. --data demo:val, a folder of shards or "
                          "--data 'val-{0000..0063}.tar'")
     rank, world = init_distributed()
-    if Path(args.checkpoint).is_dir():
+    if Path(args.checkpoint).is_dir() and read_config(args.checkpoint) is None:  # not a transformers directory
         locate(args.checkpoint)  # a folder without a complete checkpoint: say that before asking for --model
     spec = resolve_spec(args.checkpoint, args.model, img_size=args.img_size, window_size=args.window,
                         pretrained_window_sizes=args.pretrained_windows, num_classes=args.num_classes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from PIL import Image, ImageOps
-from timm.data import auto_augment, create_transform
 
 from .config import DataConfig
 
@@ -21,6 +20,8 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def _fix_posterize(transform: Callable) -> Callable:
+    from timm.data import auto_augment
+
     for step in getattr(transform, "transforms", ()):
         for op in getattr(step, "ops", ()):  # timm's RandAugment / AutoAugment
             if getattr(op, "aug_fn", None) is auto_augment.posterize:
@@ -31,6 +32,8 @@ def _fix_posterize(transform: Callable) -> Callable:
 def train_transform(cfg: DataConfig, img_size: int) -> Callable:
     """Fine-tuning augmentation to ``img_size`` (the model's input): RandomResizedCrop, flip, RandAugment/colour
     jitter, normalise, random erasing."""
+    from timm.data import create_transform  # here, not at import: timm pulls in torchvision and torch._dynamo
+
     transform = create_transform(
         img_size,
         is_training=True,
@@ -51,6 +54,8 @@ def train_transform(cfg: DataConfig, img_size: int) -> Callable:
 
 def eval_transform(cfg: DataConfig, img_size: int) -> Callable:
     """Resize the shorter side to ``img_size / crop_pct``, centre crop ``img_size`` (the model's input), normalise."""
+    from timm.data import create_transform
+
     interpolation = "bicubic" if cfg.interpolation == "random" else cfg.interpolation
     return create_transform(
         img_size,

@@ -4,7 +4,8 @@
 run writes it next to its checkpoints so that evaluation and conversion rebuild the same model without being told
 the architecture again. Pretrained weights come from a run directory or DeepSpeed checkpoint (consolidated to fp32
 first) or any weights file :func:`swinv2.load_checkpoint` reads (ours, the authors' SimMIM or classification
-checkpoints, timm's), adapted to the new resolution and window (Swin V2 arXiv 2111.09883 sec. 3.3).
+checkpoints, timm's), or a Hugging Face transformers checkpoint directory (its ``config.json`` then describes the
+model in place of ``model.json``), adapted to the new resolution and window (Swin V2 arXiv 2111.09883 sec. 3.3).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 import swinv2
 
 from ..files import write_text_atomic
+from ..hf_layout import read_config, spec_from_config
 from ..train.consolidate import consolidated_state_dict
 from .config import ClassifierConfig
 
@@ -52,10 +54,15 @@ def find_model_json(checkpoint: str | os.PathLike) -> Path | None:
 
 
 def resolve_spec(checkpoint: str | os.PathLike | None, name: str | None = None, **overrides: Any) -> dict:
-    """The model to build for ``checkpoint``: its run's ``model.json`` if any, then ``name`` and the non-None
-    ``overrides`` (``img_size``, ``window_size``, ``num_classes``, ...) on top."""
-    found = find_model_json(checkpoint) if checkpoint is not None else None
-    spec = json.loads(found.read_text()) if found else {"name": None, "options": {}}
+    """The model to build for ``checkpoint``: a transformers directory's ``config.json``, else its run's
+    ``model.json`` if any, then ``name`` and the non-None ``overrides`` (``img_size``, ``window_size``,
+    ``num_classes``, ...) on top."""
+    hf_config = read_config(checkpoint) if checkpoint is not None else None
+    found = find_model_json(checkpoint) if checkpoint is not None and hf_config is None else None
+    if hf_config is not None:
+        spec = spec_from_config(hf_config)
+    else:
+        spec = json.loads(found.read_text()) if found else {"name": None, "options": {}}
     if name:
         spec["name"] = name
     spec["options"].update({k: v for k, v in overrides.items() if v is not None})
@@ -79,7 +86,8 @@ def check_exists(source: str | os.PathLike) -> Path:
     if not path.exists():
         raise WeightsError(
             f"weights {str(source)!r} do not exist: pass a pretraining run directory, a DeepSpeed checkpoint "
-            "folder or a weights file (.pth/.pt/.safetensors) (for fine-tuning, pretrained= starts from scratch)"
+            "folder, a weights file (.pth/.pt/.safetensors) or a transformers checkpoint directory (for "
+            "fine-tuning, pretrained= starts from scratch)"
         )
     return path
 
@@ -87,13 +95,14 @@ def check_exists(source: str | os.PathLike) -> Path:
 def load_pretrained(model: nn.Module, source: str | os.PathLike) -> swinv2.LoadReport:
     """Load ``source`` into ``model`` (any layout; adapted to its resolution, window and classes).
 
-    A directory is a pretraining or fine-tuning run, its ``checkpoints`` folder or one DeepSpeed checkpoint: the
-    newest complete checkpoint is consolidated to fp32 (ZeRO shards merged) first. Anything else is a file.
-    Raises :class:`WeightsError` for anything the user can fix.
+    A directory is a transformers checkpoint directory (``config.json`` with model_type swin or swinv2), or else a
+    pretraining or fine-tuning run, its ``checkpoints`` folder or one DeepSpeed checkpoint: the newest complete
+    checkpoint is consolidated to fp32 (ZeRO shards merged) first. Anything else is a file. Raises
+    :class:`WeightsError` for anything the user can fix.
     """
     path = check_exists(source)
     try:
-        if path.is_dir():
+        if path.is_dir() and read_config(path) is None:
             report = swinv2.load_checkpoint(model, consolidated_state_dict(path))
             report.layout = f"DeepSpeed checkpoint, {report.layout}"
             return report
