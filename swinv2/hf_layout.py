@@ -345,32 +345,7 @@ def config_from_model(model: Any, window_size: Any, kind: str, labels: list[str]
     or one entry per stage). Raises ``ValueError`` naming what transformers cannot express."""
     version = model.version
     blocks = [block for stage in model.layers for block in stage.blocks]
-    one_pair = (isinstance(window_size, (list, tuple)) and len(window_size) == 2 and len(model.depths) != 2
-                and all(isinstance(w, int) for w in window_size))  # one (h, w) for every stage, as the model reads it
-    windows = window_size if isinstance(window_size, (list, tuple)) and not one_pair else [window_size]
-    pairs = {_pair(w) for w in windows}
-    if len(pairs) != 1 or len(set(next(iter(pairs)))) != 1:
-        raise ValueError(f"the model has window_size {window_size!r} but transformers' Swin takes one square window "
-                         "for every stage: export a model built with a single int window_size")
-    window = next(iter(pairs))[0]
-    if any(b.extra_norm is not None for b in blocks):
-        raise ValueError("transformers' Swin has no extra main-branch LayerNorm (extra_norm_every, used by SwinV2-H/G, "
-                         "arXiv 2111.09883 sec. 3.1), so it cannot express this model: export one with "
-                         "extra_norm_every=0")
-    if version == "v2" and model.absolute_pos_embed is not None:
-        raise ValueError("transformers' Swin V2 cannot add an absolute position embedding (its forward fails on the "
-                         "extra row it keeps): export a V2 model built with ape=False")
-    if isinstance(model.patch_embed.norm, torch.nn.Identity):
-        raise ValueError("transformers' Swin always normalises the patch embedding: export a model built with "
-                         "patch_norm=True")
-    pretrained = [b.attn.pretrained_window for b in (s.blocks[0] for s in model.layers if len(s.blocks))] \
-        if version == "v2" else []
-    if any(p is not None and p[0] != p[1] for p in pretrained):
-        raise ValueError(f"the model's pretrained windows {pretrained} are not square, which transformers' Swin V2 "
-                         "cannot express: export a model with square pretrained_window_sizes")
-    if kind == "simmim" and model.img_size[0] != model.img_size[1]:
-        raise ValueError(f"transformers' masked-image-modelling Swin takes square images only, and the model was "
-                         f"built for {model.img_size[0]}x{model.img_size[1]}: export it as a backbone instead")
+    window, pretrained = _expressible(model, window_size, kind)
     first = blocks[0] if blocks else None
     qkv_bias = bool(first is not None and (first.attn.q_bias is not None if version == "v2"
                                            else first.attn.qkv.bias is not None))
@@ -419,3 +394,37 @@ def config_from_model(model: Any, window_size: Any, kind: str, labels: list[str]
             raise ValueError(f"stage {small[0]} of the model is smaller than its window {window}, which transformers' "
                              "Swin V1 fails on: export a model whose stages are at least as large as the window")
     return config
+
+
+def _expressible(model: Any, window_size: Any, kind: str) -> tuple[int, list]:
+    """The one square window and the V2 pretrained windows of ``model``; ``ValueError`` naming what transformers'
+    Swin cannot express (see :func:`config_from_model`)."""
+    version = model.version
+    blocks = [block for stage in model.layers for block in stage.blocks]
+    one_pair = (isinstance(window_size, (list, tuple)) and len(window_size) == 2 and len(model.depths) != 2
+                and all(isinstance(w, int) for w in window_size))  # one (h, w) for every stage, as the model reads it
+    windows = window_size if isinstance(window_size, (list, tuple)) and not one_pair else [window_size]
+    pairs = {_pair(w) for w in windows}
+    if len(pairs) != 1 or len(set(next(iter(pairs)))) != 1:
+        raise ValueError(f"the model has window_size {window_size!r} but transformers' Swin takes one square window "
+                         "for every stage: export a model built with a single int window_size")
+    window = next(iter(pairs))[0]
+    if any(b.extra_norm is not None for b in blocks):
+        raise ValueError("transformers' Swin has no extra main-branch LayerNorm (extra_norm_every, used by SwinV2-H/G, "
+                         "arXiv 2111.09883 sec. 3.1), so it cannot express this model: export one with "
+                         "extra_norm_every=0")
+    if version == "v2" and model.absolute_pos_embed is not None:
+        raise ValueError("transformers' Swin V2 cannot add an absolute position embedding (its forward fails on the "
+                         "extra row it keeps): export a V2 model built with ape=False")
+    if isinstance(model.patch_embed.norm, torch.nn.Identity):
+        raise ValueError("transformers' Swin always normalises the patch embedding: export a model built with "
+                         "patch_norm=True")
+    pretrained = [b.attn.pretrained_window for b in (s.blocks[0] for s in model.layers if len(s.blocks))] \
+        if version == "v2" else []
+    if any(p is not None and p[0] != p[1] for p in pretrained):
+        raise ValueError(f"the model's pretrained windows {pretrained} are not square, which transformers' Swin V2 "
+                         "cannot express: export a model with square pretrained_window_sizes")
+    if kind == "simmim" and model.img_size[0] != model.img_size[1]:
+        raise ValueError(f"transformers' masked-image-modelling Swin takes square images only, and the model was "
+                         f"built for {model.img_size[0]}x{model.img_size[1]}: export it as a backbone instead")
+    return window, pretrained

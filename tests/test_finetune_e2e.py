@@ -125,13 +125,24 @@ def test_evaluation_on_two_ranks_counts_uneven_shards_exactly(tmp_path):
 
 def test_zero3_fine_tune_on_two_ranks_evaluates_uneven_shards_in_lockstep(tmp_path):
     """Under ZeRO-3 a forward gathers parameters collectively, so a rank out of evaluation data must keep stepping
-    (lockstep); the best weights are gathered whole. Rank 0 evaluates 12 images in 3 batches, rank 1 3 in 1."""
+    (lockstep); the best weights are gathered whole. Rank 0 evaluates 12 images in 3 batches, rank 1 3 in 1.
+    The weights come from a Hugging Face transformers directory (``save_pretrained`` of a masked-image model at
+    32 px / window 2), fine-tuned at 64 px / window 4 as ``deepspeed launch/finetune.py pretrained=DIR``."""
+    from transformers import Swinv2Config, Swinv2ForMaskedImageModeling
+
+    hf = tmp_path / "hf"
+    Swinv2ForMaskedImageModeling(Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                              num_heads=[1, 2, 4, 8], window_size=2, encoder_stride=32)
+                                 ).save_pretrained(hf)
     paths, labels = labelled_shards(tmp_path / "shards", [7, 3, 5])
     out = tmp_path / "run"
     run(str(BIN / "deepspeed"), "--num_gpus", "2", "launch/finetune.py", "--config", "configs/finetune/demo.yaml",
-        "pretrained=", f"run.output_dir={out}", "wandb.mode=disabled", *ARCH, *FINETUNE, "run.max_steps=2",
+        f"pretrained={hf}", f"run.output_dir={out}", "wandb.mode=disabled", *ARCH, *FINETUNE, "run.max_steps=2",
         "deepspeed.zero_stage=3", "deepspeed.global_batch=64", "ema.enabled=false", "data.num_workers=0",
         f"data.eval_urls={'::'.join(paths)}", "data.eval_batch_size=4")
+    report = (out / "load_report.txt").read_text()
+    assert "transformers" in report and "normalised by pretrained windows [(2, 2), (2, 2), (2, 2), (1, 1)]" in report
+    assert "head.weight" in report and "mask_token" in report  # the new head missing, the mask token dropped
     best = json.loads((out / "best.json").read_text())
     assert best["count"] == len(labels) == 15
     weights = load_file(str(out / "best.safetensors"))
