@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3], help="fine-tuning optim.base_lr")
     parser.add_argument("--pretrain", nargs="*", default=[], metavar="key=value", help="pretraining overrides")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="key=value", help="fine-tuning overrides")
+    parser.add_argument("--shared-pretraining", action="store_true",
+                        help="one pretraining (the first seed's) for every fine-tuning seed: the spread then covers "
+                             "fine-tuning noise only")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/simmim_vs_scratch")
     args = parser.parse_args(argv)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     def finetune(job: tuple[str, int, float]) -> dict:
         arm, seed, lr = job
         name = f"{arm}_s{seed}_lr{lr:g}"
-        weights = str(out / f"pretrain_s{seed}") if arm == "pretrained" else "''"
+        source = args.seeds[0] if args.shared_pretraining else seed
+        weights = str(out / f"pretrain_s{source}") if arm == "pretrained" else "''"
         stdout = launch("finetune.py", ["--config", args.finetune_config, f"pretrained={weights}",
                                         f"run.output_dir={out / name}", f"run.seed={seed}", f"optim.base_lr={lr}",
                                         "checkpoint.keep_last=1", "resume=false", *quiet, *args.finetune],
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return row
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(pretrain, args.seeds))
+        list(pool.map(pretrain, args.seeds[:1] if args.shared_pretraining else args.seeds))
         jobs = [(arm, seed, lr) for seed in args.seeds for lr in args.lrs for arm in ARMS]
         rows = list(pool.map(finetune, jobs))
 

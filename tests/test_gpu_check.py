@@ -176,12 +176,12 @@ TINY_PRETRAIN = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_head
                  "data.num_workers=0", "data.samples_per_epoch=32"]
 
 
-@pytest.mark.slow  # one of the two runs compiles (inductor, ~10 s on the CPU)
+@pytest.mark.slow  # a launcher run (the compiled variant's counts: test_compile_counts_read_what_torch_logs)
 def test_pretrain_launcher_part_runs_on_the_cpu(tmp_path):
     steps = 4
-    rows = gpu_check.pretrain_launcher(tmp_path, steps=steps, batch=4, variants=((False, True), (True, False)),
+    rows = gpu_check.pretrain_launcher(tmp_path, steps=steps, batch=4, variants=((False, True),),
                                        overrides=TINY_PRETRAIN)
-    assert set(rows) == {"compile_false_ckpt_true", "compile_true_ckpt_false"}
+    assert set(rows) == {"compile_false_ckpt_true"}
     for name, row in rows.items():
         log = (tmp_path / f"pretrain_{name}.log").read_text()
         assert row["returncode"] == 0, log[-3000:]
@@ -196,7 +196,5 @@ def test_pretrain_launcher_part_runs_on_the_cpu(tmp_path):
         assert row["first_step_extra_s"] == pytest.approx(
             reports[0]["train/step_time_s"] - row["step_time_s"], abs=0.01)
         assert not (tmp_path / f"pretrain_{name}" / "checkpoints").exists()  # the part removes its checkpoints
-    compiled = rows["compile_true_ckpt_false"]
-    assert compiled["compile"] and rows["compile_false_ckpt_true"]["checkpoint_activations"]
-    assert compiled["graph_breaks"] >= 0 and compiled["recompiles"] >= 0
+    assert rows["compile_false_ckpt_true"]["checkpoint_activations"] and not rows["compile_false_ckpt_true"]["compile"]
     assert "graph_breaks" not in rows["compile_false_ckpt_true"]
