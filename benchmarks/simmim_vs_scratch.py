@@ -7,7 +7,8 @@ recipe, over several seeds and the same small LR sweep for both arms; the better
 Every run goes through the real launchers (``launch/pretrain.py``, ``launch/finetune.py``), one process each,
 ``--jobs`` at a time with one thread each. Each seed pretrains its own encoder (``run.seed``) and fine-tunes both
 arms with that seed, so the spread covers pretraining and fine-tuning noise. A finished pretraining already in
-``--out`` is reused (the launcher resumes it and finds nothing left to do); fine-tunes always start over. Prints
+``--out`` is reused (the launcher resumes it and finds nothing left to do); fine-tunes start over unless
+``--keep-finished``. Prints
 every run, then mean, standard deviation and range of the final top-1 per arm at its best LR, and writes
 ``results.json`` and ``top1.png`` (top-1 against fine-tuning steps, both arms, mean over seeds with the range
 shaded) into ``--out``.
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-pretraining", action="store_true",
                         help="one pretraining (the first seed's) for every fine-tuning seed: the spread then covers "
                              "fine-tuning noise only")
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="reuse a fine-tune whose log in --out says it finished (e.g. after widening --lrs)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/simmim_vs_scratch")
     args = parser.parse_args(argv)
@@ -80,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{arm}_s{seed}_lr{lr:g}"
         source = args.seeds[0] if args.shared_pretraining else seed
         weights = str(out / f"pretrain_s{source}") if arm == "pretrained" else "''"
-        stdout = launch("finetune.py", ["--config", args.finetune_config, f"pretrained={weights}",
-                                        f"run.output_dir={out / name}", f"run.seed={seed}", f"optim.base_lr={lr}",
-                                        "checkpoint.keep_last=1", "resume=false", *quiet, *args.finetune],
-                        out / f"{name}.log")
+        log = out / f"{name}.log"
+        if args.keep_finished and log.is_file() and re.search(r"^stopped at step \d+ \(done\)", log.read_text(), re.M):
+            stdout = log.read_text()  # the same command finished before: its log is its result
+        else:
+            stdout = launch("finetune.py", ["--config", args.finetune_config, f"pretrained={weights}",
+                                            f"run.output_dir={out / name}", f"run.seed={seed}", f"optim.base_lr={lr}",
+                                            "checkpoint.keep_last=1", "resume=false", *quiet, *args.finetune],
+                            out / f"{name}.log")
         points = curve(stdout)
         if not points:
             raise RuntimeError(f"no evaluation lines in {out / name}.log")
