@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
     parser.add_argument("--labels", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3])
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps of 32 images (both arms)")
     parser.add_argument("--hflip", type=float, default=0.0, help="data.hflip: 0 for digits and text")
     parser.add_argument("--out", default="runs/real_images")

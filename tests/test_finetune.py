@@ -20,6 +20,8 @@ from safetensors import safe_open
 
 import simmim
 import swinv2
+from simmim.config import PretrainConfig
+from simmim.pretrain import build_simmim
 from swinv2.data import DataConfig, build_loader
 from swinv2.finetune.best_weights import BestKeeper
 from swinv2.finetune.config import load_finetune_config
@@ -33,7 +35,7 @@ from swinv2.finetune.weights import (
     resolve_spec,
     write_model_json,
 )
-from swinv2.train.config import ConfigError
+from swinv2.train.config import ConfigError, load_config
 from swinv2.train.engine import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,12 @@ def test_fine_tune_config_loads_and_builds_at_its_window(path):
     assert pretrained == [tuple([w, w]) for w in cfg.model.pretrained_window_sizes]
     assert model.head.out_features == cfg.model.num_classes
     assert cfg.deepspeed.global_batch % cfg.data.batch_size == 0
-    if path.stem != "demo":
+    if path.stem == "small_data":  # fine-tunes configs/simmim/small_data.yaml's pretraining at the same size
+        pretraining = load_config(PretrainConfig, ROOT / "configs" / "simmim" / "small_data.yaml")
+        with torch.device("meta"):
+            windows = [w for w, _ in build_simmim(pretraining).encoder.stage_windows]
+        assert cfg.model.pretrained_window_sizes == windows and pretraining.model.img_size == size
+    elif path.stem != "demo":
         assert cfg.model.pretrained_window_sizes == [12, 12, 12, 6] and cfg.deepspeed.global_batch == 2048
         assert cfg.optim.base_lr == 1.25e-3 and cfg.optim.layer_decay == 0.75  # the recipe, not overridden
 

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .config import DataConfig
@@ -421,6 +422,13 @@ def _stop_workers(loader: DataLoader, stream: ShardStream) -> None:
     """torch's own shutdown of ``loader``'s persistent workers (through a private method, when this torch has it),
     then SIGKILL for any worker left alive: ours ignore SIGTERM, and one stuck in a read would otherwise keep the
     process in multiprocessing's exit handler, which joins every worker, forever."""
+    # As a finaliser this runs inside whatever code triggered the collection, e.g. under a FakeTensorMode or a
+    # FLOP counter, which would intercept the reads of the shared pid slots: run with every torch mode off.
+    with torch._C.DisableTorchFunction(), _disable_current_modes():
+        _stop_workers_now(loader, stream)
+
+
+def _stop_workers_now(loader: DataLoader, stream: ShardStream) -> None:
     iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if callable(shutdown):
