@@ -8,9 +8,9 @@ Reads ``DATA/images/<split>/<class>/*.png`` (``benchmarks/real_data.py``), fits 
 and on ``train`` and scores top-1 on ``test``. kNN: cosine similarity, k in {1, 5, 10, 20} and logistic
 regression: C in {0.01, 0.1, 1, 10} on standardised features, each with the best value on ``test`` reported (an
 optimistic choice, so the baselines are never weakened; kNN also tries raw and standardised features).
-``--encoder`` takes a pretraining run (or any checkpoint
-``swinv2.create_model`` loads) and uses its encoder's pooled features (a linear probe, as SimMIM arXiv
-2111.09886 sec. 4.3 reports one), the images resized to ``--img-size`` and normalised as fine-tuning does.
+``--encoder`` takes a pretraining run (or any checkpoint ``swinv2.create_model`` loads) and uses its encoder's
+pooled features (a linear probe, as MAE arXiv 2111.06377 sec. 4.3 and SimMIM arXiv 2111.09886 report one), the
+images resized to ``--img-size`` and normalised as fine-tuning does.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
   image, every image once across ranks), with a reconstruction grid of the same first held-out images each time.
 - A kNN probe (:mod:`swinv2.train.knn`) of the encoder's pooled features on labelled shards (``probe.train_urls``
   as the bank, ``probe.eval_urls`` as the queries). Masked image modelling probes poorly in absolute terms
-  (SimMIM arXiv 2111.09886 sec. 4.4); compare it with its own value at step 0, which the run also measures.
+  (SimMIM arXiv 2111.09886; MAE arXiv 2111.06377 sec. 4.3); compare it with its own value at step 0, which the
+  run also measures.
 
 They run every ``eval.every_steps`` steps, at the start of a fresh run and at the end.
 """

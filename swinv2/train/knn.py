@@ -4,7 +4,7 @@ arXiv 2104.14294 sec. 4.1).
 
 Features are L2-normalised; each query takes its ``k`` most cosine-similar training features, each of which votes
 for its label with weight ``exp(similarity / temperature)``; the label with the largest sum wins (ties go to the
-lower class index). Masked image models probe far worse than they fine-tune (SimMIM arXiv 2111.09886 sec. 4.4,
+lower class index). Masked image models probe far worse than they fine-tune (SimMIM arXiv 2111.09886;
 MAE arXiv 2111.06377 sec. 4.3), so watch the trend of this number, not its level.
 
 Across ranks: every rank extracts features for its share of the labelled shards (the exact evaluation streams), the
