@@ -31,8 +31,8 @@ BIN = Path(sys.executable).parent  # the venv's deepspeed / torchrun launchers
 ARCH = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,4,8]"]
 PRETRAIN = ["model.img_size=32", "model.window_size=2", "simmim.mask_patch_size=16"]  # stage windows 2, 2, 2, 1
 FINETUNE = ["model.img_size=64", "model.window_size=4", "model.pretrained_window_sizes=[2,2,2,1]",
-            "schedule.epochs=6", "data.auto_augment=null"]
-EPOCHS, CLASSES, VAL_IMAGES = 6, 10, 500
+            "schedule.epochs=4", "data.auto_augment=null"]
+EPOCHS, CLASSES, VAL_IMAGES = 4, 10, 500
 STEPS_PER_EPOCH = 2000 // 32  # demo:train images / batch
 
 
@@ -45,17 +45,18 @@ def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A 10-step SimMIM pretraining at 32 px / window 2, then 6 epochs of fine-tuning at 64 px / window 4, stopped
-    after 3 epochs (``run.max_steps``) and resumed, as after a preemption."""
+    """A 10-step SimMIM pretraining at 32 px / window 2, then 4 epochs of fine-tuning at 64 px / window 4, stopped
+    after 2 epochs (``run.max_steps``) and resumed, as after a preemption. (4 epochs reach ~47 % top-1 here, the
+    assertion below asks for 20 %; 6 epochs cost a third more for nothing the tests check.)"""
     tmp = tmp_path_factory.mktemp("finetune_e2e")
     pre, ft = tmp / "pretrain", tmp / "finetune"
     run(sys.executable, "launch/pretrain.py", f"run.output_dir={pre}", "run.max_steps=10", "wandb.mode=disabled",
         "data.num_workers=0", *NO_MONITORS, *ARCH, *PRETRAIN)
     command = [sys.executable, "launch/finetune.py", "--config", "configs/finetune/demo.yaml", f"pretrained={pre}",
                f"run.output_dir={ft}", "wandb.mode=disabled", *ARCH, *FINETUNE]
-    run(*command, f"run.max_steps={3 * STEPS_PER_EPOCH}")
+    run(*command, f"run.max_steps={2 * STEPS_PER_EPOCH}")
     resumed = run(*command)
-    assert f"resumed from {ft / 'checkpoints' / f'step{3 * STEPS_PER_EPOCH:08d}'}" in resumed.stdout
+    assert f"resumed from {ft / 'checkpoints' / f'step{2 * STEPS_PER_EPOCH:08d}'}" in resumed.stdout
     return {"tmp": tmp, "pretrain": pre, "finetune": ft}
 
 
