@@ -22,6 +22,9 @@ Parts (``q``: also under ``--quick``):
   ZeRO-2, the demo data, 20 steps; 30 without ``--quick``), with ``run.compile`` off and on: images/s, peak memory,
   every number of its step lines, the first step's time; compiled, also the graph breaks and recompilations torch
   logs (``TORCH_LOGS=graph_breaks,recompiles``). No checkpoint is kept.
+- ``loader_workers`` (q): ``benchmarks/loader_speed.py`` with one worker on this host (images/s per worker, against
+  ImageFolder) and, from it, the workers per GPU that the launcher parts' measured images/s need (the planner's
+  advice assumes 500 images/s per worker; this is the host's own figure).
 - ``precision`` (q): 200 steps of the tiny demo SimMIM through our DeepSpeed engine (tests/helpers/engine_curves.py)
   in fp32, in pure bf16 (DeepSpeed's bf16: bf16 weights, no autocast, the launcher's regime) and in fp16: the loss
   curves and their largest relative gap.
@@ -74,12 +77,13 @@ class Part:
 PARTS = (
     Part("cuda_tests", 100, 1500, needs_cuda=False),
     Part("sdpa_backends", 25, 60),
-    Part("model_speed", 35, 300),
-    Part("planner", 50, 300),
+    Part("model_speed", 30, 300),
+    Part("planner", 45, 300),
     Part("launcher_eager", 40, 420),
     Part("launcher_compiled", 95, 600),
+    Part("loader_workers", 20, 120),
     Part("precision", 40, 120),
-    Part("block_memory", 30, 60),
+    Part("block_memory", 25, 60),
     Part("launcher_checkpointing", None, 900),
     Part("bf16_vs_fp32_logits", None, 120),
     Part("sdpa_vs_explicit", None, 300),
@@ -135,6 +139,25 @@ def precision_curves(out: Path, steps: int = 200, precisions: tuple[str, ...] = 
     return row
 
 
+def loader_workers(out: Path, quick: bool) -> dict:
+    """The host's loader rate per worker and the workers each launcher part's measured speed needs from it."""
+    result = out / "loader_speed.json"
+    cmd = [sys.executable, "benchmarks/loader_speed.py", "--images", "200" if quick else "800", "--workers", "1",
+           "--repeats", "2" if quick else "3", "--json", str(result)]
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:
+        return {"returncode": code}
+    row = json.loads(result.read_text())
+    per_worker = row["ours_img_s"]
+    for part in ("launcher_eager", "launcher_compiled"):
+        done = out / f"{part}.json"
+        speeds = [r["images_per_s"] for r in json.loads(done.read_text())["result"].values()
+                  if "images_per_s" in r] if done.exists() else []
+        if speeds:
+            row[f"workers_for_{part}"] = math.ceil(max(speeds) / per_worker)
+    return row
+
+
 PRETRAIN_VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (compile, checkpoint activations)
 
 
@@ -173,6 +196,7 @@ def launcher_command(run_dir: Path, steps: int, batch: int, compiled: bool, chec
             f"deepspeed.global_batch={batch}", "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
             f"run.compile={str(compiled).lower()}", f"model.checkpoint_activations={str(checkpointing).lower()}",
             f"run.max_steps={steps}", "run.log_every=1", "run.image_every=0", "checkpoint.every_steps=1000000",
+            "checkpoint.at_end=false",
             "wandb.mode=disabled", f"run.output_dir={run_dir}", *overrides]
 
 
@@ -197,7 +221,7 @@ def pretrain_launcher(out: Path, steps: int = 30, batch: int = 128, variants=PRE
     """``launch/pretrain.py`` as a user runs it: the SwinV2-B 192/w12 config in bf16 with ZeRO-2 on one process
     (GPU 0, or the CPU), the demo data, ``steps`` steps of ``batch`` images, once per (compile, checkpoint
     activations) variant; ``overrides`` shrink it for the CPU. Each run's console streams to
-    ``out/pretrain_<name>.log``; its checkpoints are deleted (a SwinV2-B ZeRO checkpoint is ~1.5 GB)."""
+    ``out/pretrain_<name>.log``; it writes no checkpoint (a SwinV2-B ZeRO checkpoint is ~1.5 GB)."""
     rows = {}
     for compiled, checkpointing in variants:
         name = f"compile_{str(compiled).lower()}_ckpt_{str(checkpointing).lower()}"
@@ -216,7 +240,6 @@ def pretrain_launcher(out: Path, steps: int = 30, batch: int = 128, variants=PRE
         rows[name] = launcher_row(run_dir, log_path.read_text(errors="replace"), code, wall, compiled, checkpointing)
         if code == -signal.SIGKILL:
             rows[name]["error"] = f"timed out after {timeout} s"
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return rows
 
 
@@ -230,6 +253,7 @@ def part_functions(out: Path, quick: bool) -> dict[str, Callable[[], dict]]:
         "planner": lambda: planner(out, quick),
         "launcher_eager": lambda: pretrain_launcher(out, steps, variants=((False, False),)),
         "launcher_compiled": lambda: pretrain_launcher(out, steps, variants=((True, False),)),
+        "loader_workers": lambda: loader_workers(out, quick),
         "precision": lambda: precision_curves(out),
         "block_memory": lambda: gpu_probes.block_memory("cuda"),
         "launcher_checkpointing": lambda: pretrain_launcher(out, steps, variants=((False, True), (True, True))),

@@ -49,9 +49,9 @@ class PretrainMonitors:
         self.bank = self.queries = None
         if cfg.probe.train_urls:
             self.bank = build_loader(data, "eval", rank=rank, world_size=world, urls=cfg.probe.train_urls,
-                                     img_size=size)
+                                     img_size=size, setting="probe.train_urls")
             self.queries = build_loader(data, "eval", rank=rank, world_size=world, urls=cfg.probe.eval_urls,
-                                        img_size=size)
+                                        img_size=size, setting="probe.eval_urls")
 
     @property
     def enabled(self) -> bool:

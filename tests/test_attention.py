@@ -131,3 +131,32 @@ def test_cpb_mlp_computes_in_float32_when_deepspeed_casts_the_weights_to_bf16():
     table = torch.relu(coords @ fc1.weight.double().T + fc1.bias.double()) @ fc2.weight.double().T
     want = attn.gather_bias(16 * torch.sigmoid(table))
     torch.testing.assert_close(bias.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_cosine_scaling_under_bf16_autocast_makes_no_float32_copy_of_q_or_k():
+    """Under autocast q and k stay bf16 through the cosine normalisation: only the per-token norms and factors are
+    float32 (an fp32 factor times q would promote q and k to full-size fp32 tensors and cast them back)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from swinv2.attention import WindowAttentionV2
+
+    class FullSizeFloat32(TorchDispatchMode):
+        def __init__(self, numel: int):
+            super().__init__()
+            self.numel, self.seen = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                    self.seen.append(str(func))
+            return out
+
+    attn = WindowAttentionV2(32, 4, (4, 4))
+    q, k = torch.randn(2, 3, 4, 16, 8, dtype=torch.bfloat16).unbind(0)  # (nW, nH, N, d)
+    with torch.autocast("cpu", dtype=torch.bfloat16), FullSizeFloat32(q.numel()) as mode:
+        q_scaled, k_scaled, scale = attn.scale_qk(q, k)
+    assert q_scaled.dtype == k_scaled.dtype == torch.bfloat16 and scale == 1.0
+    assert mode.seen == []
+    expected = (q.double() / q.double().norm(dim=-1, keepdim=True)) * attn.query_scale().double()
+    torch.testing.assert_close(q_scaled.double(), expected, rtol=1e-2, atol=1e-2)

@@ -116,9 +116,10 @@ def test_rank_comes_from_the_environment(shard_dir, monkeypatch):
     assert resolve_rank() == (0, 1)
 
 
-def test_unreadable_remote_eval_shards_are_one_sentence_at_start_up(tmp_path):
+def test_unreadable_remote_shards_are_one_sentence_at_start_up(tmp_path):
     """A failing ``pipe:`` command or an unreachable host ends in one sentence naming the setting when the loader is
-    built, not in a traceback from a loader worker at the first evaluation; a command that gives bytes passes."""
+    built (evaluation, training or a probe's shards), not in a traceback from a loader worker; a command that gives
+    bytes passes."""
     import socket
 
     from swinv2.data import DataError
@@ -132,6 +133,12 @@ def test_unreadable_remote_eval_shards_are_one_sentence_at_start_up(tmp_path):
         cfg = DataConfig(eval_urls=url, batch_size=2, num_workers=0)
         with pytest.raises(DataError, match=rf"^data\.eval_urls: could not read {re.escape(url)} \(.*{why}\);"):
             build_loader(cfg, "eval", rank=0, world_size=1, img_size=32)
+    with pytest.raises(DataError, match=r"^data\.train_urls: could not read pipe:false "):
+        build_loader(DataConfig(train_urls="pipe:false", samples_per_epoch=4, batch_size=2), "train", rank=0,
+                     world_size=1, img_size=32)
+    with pytest.raises(DataError, match=r"^probe\.train_urls: could not read pipe:false "):
+        build_loader(DataConfig(batch_size=2), "eval", rank=0, world_size=1, urls="pipe:false", img_size=32,
+                     setting="probe.train_urls")
     shard = tmp_path / "val.tar"
     shard.write_bytes(b"x" * 4096)
     build_loader(DataConfig(eval_urls=f"pipe:cat {shard}", batch_size=2, num_workers=0), "eval", rank=0,

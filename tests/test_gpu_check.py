@@ -4,6 +4,7 @@ functions on tiny models, so a GPU session spends its minutes measuring rather t
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ engine_curves = _load("tests/helpers/engine_curves.py")
 
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=32, window_size=4, num_classes=10)
 QUICK_PARTS = {"cuda_tests", "sdpa_backends", "model_speed", "planner", "launcher_eager", "launcher_compiled",
-               "precision", "block_memory"}
+               "loader_workers", "precision", "block_memory"}
 
 
 def test_quick_runs_the_first_gpu_hour_parts_within_seven_minutes():
@@ -195,6 +196,18 @@ def test_pretrain_launcher_part_runs_on_the_cpu(tmp_path):
         assert 0 < row["loss"] < 10 and row["first_step"]["lr"] >= 0
         assert row["first_step_extra_s"] == pytest.approx(
             reports[0]["train/step_time_s"] - row["step_time_s"], abs=0.01)
-        assert not (tmp_path / f"pretrain_{name}" / "checkpoints").exists()  # the part removes its checkpoints
+        assert not (tmp_path / f"pretrain_{name}" / "checkpoints").exists()  # checkpoint.at_end=false: none written
     assert rows["compile_false_ckpt_true"]["checkpoint_activations"] and not rows["compile_false_ckpt_true"]["compile"]
     assert "graph_breaks" not in rows["compile_false_ckpt_true"]
+
+
+@pytest.mark.slow  # makes 200 photos and their shards, then times both loaders (~20 s here)
+def test_loader_workers_part_measures_this_host_and_sizes_the_workers_from_a_launcher_part(tmp_path):
+    # A launcher part's result as run_part_here writes it (a stand-in: the launcher parts need a GPU's speed).
+    eager = {"compile_false_ckpt_false": {"images_per_s": 1234.5}}
+    (tmp_path / "launcher_eager.json").write_text(json.dumps({"result": eager, "seconds": 40.0}))
+    row = gpu_check.loader_workers(tmp_path, quick=True)
+    measured = json.loads((tmp_path / "loader_speed.json").read_text())
+    assert row["workers"] == 1 and row["ours_img_s"] == measured["ours_img_s"] > 0 and measured["baseline_img_s"] > 0
+    assert row["workers_for_launcher_eager"] == math.ceil(1234.5 / measured["ours_img_s"])
+    assert "workers_for_launcher_compiled" not in row  # that part did not run

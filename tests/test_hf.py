@@ -248,7 +248,18 @@ def test_evaluate_command_takes_a_transformers_directory_without_model_flags(tmp
     logits, labels = torch.cat(logits), torch.cat(labels)
     assert got["count"] == len(labels) == 3 * len(classes)
     assert got["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).double().mean().item())
+
     assert got["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+def test_evaluate_names_its_data_option_when_the_shards_cannot_be_read(tmp_path):
+    """A failing ``pipe:`` source is one sentence naming ``--data`` (the command's option), not a config key."""
+    hf_model("v2", "classifier", 64, num_labels=3, window_size=4).save_pretrained(tmp_path / "hf")
+    result = subprocess.run([sys.executable, "launch/evaluate.py", str(tmp_path / "hf"), "--data", "pipe:false",
+                             "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --data: could not read pipe:false (exit status 1 and no data);")
 
 
 # ------------------------------------------------------------------------------------------------- transformers out

@@ -92,7 +92,9 @@ def test_every_exit_path_ends_promptly_and_leaves_no_process_behind(tmp_path, ca
     out = tmp_path / "run"
     extra = {"PROBE_RAISE_AT": "6"} if case == "raise_in_loss" else {}
     # ctrl_c_twice: no sync step before the end, so the run is still training when the second Ctrl-C comes.
-    overrides = ["checkpoint.every_steps=3"] + (["run.log_every=1000"] if case == "ctrl_c_twice" else [])
+    # ctrl_c: a Ctrl-C checkpoints even where a finished run would not (checkpoint.at_end=false).
+    overrides = ["checkpoint.every_steps=3"] + (["run.log_every=1000"] if case == "ctrl_c_twice" else []) + \
+        (["checkpoint.at_end=false"] if case == "ctrl_c" else [])
     text, rc, family = _run_case(_start(out, *overrides, launcher=case == "ctrl_c_launcher", **extra), case)
     assert len(family) >= 3, f"the run and its two loader workers: {family}\n{text[-3000:]}"
     gone, alive = psutil.wait_procs(family, timeout=30)  # reparented orphans would linger here

@@ -63,6 +63,8 @@ def test_subclass_defaults_and_sections_survive_the_merge():
     (ModelConfig(name="swinv2_base_window12_129"), "e.g. swinv2_base_window12_192"),
     (ModelConfig(depths=[2, 2], num_heads=[2, 4, 8]), "model.depths=[2, 2] and model.num_heads=[2, 4, 8] must have"),
     (ModelConfig(num_heads=[4, 0, 16, 32]), "at least one head each"),  # the base variant's four depths
+    (ModelConfig(embed_dim=16, num_heads=[3, 3, 3, 3]), "model.num_heads=[3, 3, 3, 3] must divide each stage's width "
+                                                        "[16, 32, 64, 128]"),
     (OptimConfig(betas=(0.9, 1.0)), "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
     (OptimConfig(betas=(-0.1, 0.999)), "optim.betas=[-0.1, 0.999] must be two numbers in [0, 1)"),
     (ClassifierConfig(num_classes=0), "model.num_classes must be positive"),

@@ -455,7 +455,7 @@ def _kill_children(pids: list[int]) -> None:
 
 def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", transform: Callable | None = None,
                  rank: int | None = None, world_size: int | None = None, urls: str | list[str] | None = None, *,
-                 img_size: int) -> ShardLoader:
+                 img_size: int, setting: str | None = None) -> ShardLoader:
     """Build the loader for ``kind``: ``"pretrain"`` (SimMIM), ``"train"`` (fine-tuning), ``"eval"`` or
     ``"heldout"`` (unlabelled, every sample once, e.g. SimMIM's held-out loss; needs a transform).
 
@@ -465,8 +465,10 @@ def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", tran
     ``cfg`` is a :class:`DataConfig` (or a mapping / OmegaConf node of one). ``transform`` maps an RGB PIL image
     to a tensor, or to ``(image, mask)`` (SimMIM: ``simmim.PretrainTransform``); ``"pretrain"`` needs one,
     ``"train"`` defaults to timm's augmentation and ``"eval"`` to resize + centre crop. ``urls`` overrides
-    ``cfg.train_urls`` / ``cfg.eval_urls``. ``rank`` / ``world_size`` default to torch.distributed, then
-    $RANK / $WORLD_SIZE, then 0 / 1.
+    ``cfg.train_urls`` / ``cfg.eval_urls``; ``setting`` names where the shards came from in messages (default
+    ``data.train_urls`` / ``data.eval_urls``). ``rank`` / ``world_size`` default to torch.distributed, then
+    $RANK / $WORLD_SIZE, then 0 / 1. A remote or ``pipe:`` source that gives no bytes is one sentence here, at
+    start-up, rather than a traceback from a loader worker.
     """
     cfg = DataConfig.coerce(cfg)
     if kind not in KINDS:
@@ -476,10 +478,12 @@ def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", tran
     rank, world_size = resolve_rank(rank, world_size)
     field = "eval_urls" if kind in ONCE else "train_urls"
     spec = urls if urls is not None else getattr(cfg, field)
+    setting = setting or f"data.{field}"
     if not spec:
-        raise DataError(f"data.{field} is empty; set it to shards such as shards/train-{{000000..000099}}.tar, "
+        raise DataError(f"{setting} is empty; set it to shards such as shards/train-{{000000..000099}}.tar, "
                          f"a folder of shards, or demo:{'val' if kind in ONCE else 'train'}.")
     shard_urls = expand_urls(spec)
+    check_readable(shard_urls, setting)
     if transform is None:
         if kind in ("pretrain", "heldout"):
             raise ValueError(f"kind={kind!r} needs transform=simmim.PretrainTransform(...) (or simmim.HeldOutTransform "
@@ -490,7 +494,6 @@ def build_loader(cfg: DataConfig | Mapping[str, Any], kind: Kind = "train", tran
         batch_size = cfg.eval_batch_size or cfg.batch_size
         num_batches = None
         expected = count_samples(list(islice(shard_urls, rank, None, world_size)))
-        check_readable(shard_urls, f"data.{field}")
     else:
         batch_size, expected = cfg.batch_size, None
         per_rank = cfg.samples_per_epoch

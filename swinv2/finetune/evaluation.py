@@ -67,5 +67,5 @@ def evaluate_checkpoint(checkpoint: str, urls: str, spec: dict, *, batch_size: i
     model.to(device=device, dtype=dtype)
     size = spec["options"].get("img_size", model.img_size)
     cfg = DataConfig(eval_urls=urls, batch_size=batch_size, num_workers=num_workers, crop_pct=crop_pct)
-    loader = build_loader(cfg, "eval", img_size=size if isinstance(size, int) else size[0])
+    loader = build_loader(cfg, "eval", img_size=size if isinstance(size, int) else size[0], setting="--data")
     return evaluate(model, loader, device, dtype), report

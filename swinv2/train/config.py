@@ -61,6 +61,7 @@ class ModelConfig:
                     f"{', '.join(close)}"]
         variant = VARIANTS[self.name]
         depths, heads = list(self.depths or variant["depths"]), list(self.num_heads or variant["num_heads"])
+        widths = [(self.embed_dim or variant["embed_dim"]) * 2**i for i in range(len(heads))]  # doubles per stage
         return unmet((self.img_size > 0 and self.img_size % 4 == 0,
                       f"model.img_size={self.img_size} must be a multiple of the patch size 4"),
                      (self.window_size is None or self.window_size > 0,
@@ -68,7 +69,10 @@ class ModelConfig:
                      (self.embed_dim is None or self.embed_dim > 0, "model.embed_dim must be positive"),
                      (len(depths) == len(heads) and min(depths, default=1) >= 0 and min(heads, default=1) > 0,
                       f"model.depths={depths} and model.num_heads={heads} must have one entry per stage and at "
-                      "least one head each"))
+                      "least one head each"),
+                     (not heads or min(heads) <= 0 or all(w % h == 0 for w, h in zip(widths, heads, strict=True)),
+                      f"model.num_heads={heads} must divide each stage's width {widths} (model.embed_dim doubled per "
+                      "stage)"))
 
     def create_kwargs(self, training: bool = True) -> dict[str, Any]:
         """Keyword arguments of ``swinv2.create_model(self.name, **kwargs)``. Architecture overrides left at None are
@@ -146,10 +150,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class CheckpointConfig:
-    """DeepSpeed checkpoints in ``run.output_dir/checkpoints``; the last ``keep_last`` are kept."""
+    """DeepSpeed checkpoints in ``run.output_dir/checkpoints``; the last ``keep_last`` are kept. ``at_end=false``
+    skips the checkpoint of a run that finished or reached ``run.max_steps`` (speed benchmarks, where a SwinV2-B ZeRO
+    checkpoint is 1.5 GB of writing); a preemption signal or Ctrl-C still writes one."""
 
     every_steps: int = 1000
     keep_last: int = 3
+    at_end: bool = True
 
     def problems(self) -> list[str]:
         return []  # any values work (the manager keeps at least the newest checkpoint)

@@ -256,6 +256,7 @@ def train_loop(
     on_epoch_end: Callable[[int, int], None] | None = None,
     run: RunConfig | None = None,
     flops: ImageFlops | None = None,
+    checkpoint_at_end: bool = True,
 ) -> LoopEnd:
     """Run optimizer steps ``start_step + 1 .. total_steps`` (or ``max_steps``) over ``loader``'s epochs.
 
@@ -270,6 +271,7 @@ def train_loop(
     profiler trace of steps a..b to ``<run.output_dir>/profile/`` (:mod:`.profiling`). After a preemption signal's
     checkpoint in a SLURM job, rank 0 runs ``scontrol requeue`` when ``run.slurm_requeue`` asks for it (:mod:`.slurm`).
 
+    The loop ends with a checkpoint (unless ``checkpoint_at_end`` is false and no signal stopped it).
     ``client_state(step, data_epoch)`` is stored in every checkpoint. ``on_step(step, batch)`` runs after every
     optimizer step; ``on_epoch_end(data_epoch, step)`` after every data epoch that ran to its end (on all ranks
     together: training streams give every rank the same batch count).
@@ -297,7 +299,8 @@ def train_loop(
         step, data_epoch = loop.step, loop.data_epoch
         reason = ("interrupted" if loop.preempted and loop.stop.interrupted else "preempted" if loop.preempted
                   else "max_steps" if max_steps and step < total_steps else "done")
-        if step > start_step:  # nothing new to save (a finished run started again): leave its last checkpoint alone
+        # A finished run started again has nothing new to save: its last checkpoint is left alone.
+        if step > start_step and (checkpoint_at_end or loop.preempted):
             checkpoints.save(engine, step, client_state(step, data_epoch))  # a second Ctrl-C may still stop it
     if reason == "interrupted":
         tracker.print(f"Ctrl-C: stopped at step {step} with a checkpoint; the same command resumes from it")

@@ -186,6 +186,7 @@ class TrainingRun:
             data_epoch=self.data_epoch, tracker=self.tracker, checkpoints=self.checkpoints,
             checkpoint_every=cfg.checkpoint.every_steps, client_state=self.client_state, max_steps=cfg.run.max_steps,
             log_every=cfg.run.log_every, on_step=on_step, on_epoch_end=on_epoch_end, run=cfg.run, flops=flops,
+            checkpoint_at_end=cfg.checkpoint.at_end,
         )
 
 
