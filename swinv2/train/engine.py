@@ -10,7 +10,6 @@ import json
 import os
 import socket
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +36,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            skip_cpu_inference_allreduce()
         try:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
         except torch.distributed.DistNetworkError as error:
@@ -47,7 +48,6 @@ def init_distributed() -> tuple[int, int]:
                 f"port {port} on {os.environ.get('MASTER_ADDR')} (the rendezvous port, MASTER_PORT) is already in "
                 f"use, probably by another run: pick a free one, e.g. deepspeed --master_port {port_suggestion()} "
                 "(torchrun: --master_port; srun: MASTER_PORT)") from None
-        release_cpu_allreduce_segment()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -73,28 +73,19 @@ def deepspeed_launcher() -> tuple[Any, int]:
     return None, 0
 
 
-def cpu_allreduce_segment(rank: int) -> Path:
-    """Where DeepSpeed's CPU accelerator keeps this rank's shared-memory all-reduce buffer (``shm_open`` names live
-    in ``/dev/shm`` on Linux); the name is the one its ``shm_initialize`` builds."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def skip_cpu_inference_allreduce() -> None:
+    """Keep DeepSpeed from building and setting up its CPU shared-memory all-reduce.
 
-
-def release_cpu_allreduce_segment() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
-
-    On the CPU accelerator, when all ranks are local (the ``deepspeed`` launcher sets ``LOCAL_SIZE``), DeepSpeed
-    creates a 66 MB ``/dev/shm`` segment per rank for its low-latency inference all-reduce and never unlinks it:
-    every run leaks them, named by the master port, and ``/dev/shm`` is memory, so a day of CPU runs (or a test
-    suite) ends with the machine out of memory. The segment is mapped by every rank inside
-    ``deepspeed.init_distributed``; after a barrier nothing opens it again, so unlinking keeps the mappings valid
-    and the kernel frees the memory when the last rank exits, however it exits. Training never uses this
-    all-reduce (ZeRO reduces through ``torch.distributed``).
+    On the CPU accelerator DeepSpeed JIT-compiles that op at the first ``init_distributed`` of a machine (20-90 s,
+    again whenever another ``ninja`` comes first on ``PATH``) and then gives every rank a 66 MB ``/dev/shm`` segment
+    that nothing unlinks: each run leaked it until a 24 GB machine ran out of memory. Only its tensor-parallel
+    inference all-reduce (``deepspeed.comm.inference_all_reduce``) uses it, and without it that call falls back to
+    ``torch.distributed``; training reduces through ``torch.distributed`` either way. DeepSpeed builds the op only
+    where its compatibility table allows it, so the table says no.
     """
-    if torch.cuda.is_available():
-        return
-    torch.distributed.barrier()
-    cpu_allreduce_segment(torch.distributed.get_rank()).unlink(missing_ok=True)
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
