@@ -21,7 +21,7 @@ Parts (``q``: also under ``--quick``):
 - ``launcher_eager``, ``launcher_compiled`` (q): ``launch/pretrain.py`` as a user runs it (SwinV2-B 192/w12, bf16,
   ZeRO-2, the demo data, 20 steps; 30 without ``--quick``), with ``run.compile`` off and on: images/s, peak memory,
   every number of its step lines, the first step's time; compiled, also the graph breaks and recompilations torch
-  logs (``TORCH_LOGS=graph_breaks,recompiles``). No checkpoint is kept.
+  logs (``TORCH_LOGS=graph_breaks,recompiles``). No checkpoint is written (``checkpoint.at_end=false``).
 - ``loader_workers`` (q): ``benchmarks/loader_speed.py`` with one worker on this host (images/s per worker, against
   ImageFolder) and, from it, the workers per GPU that the launcher parts' measured images/s need (the planner's
   advice assumes 500 images/s per worker; this is the host's own figure).
